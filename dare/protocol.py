@@ -1,0 +1,113 @@
+"""Typed data that crosses worker and plugin boundaries.
+
+Every field documents its shape. B = batch, L = sequence length, P = prompt length,
+G = generated length. Only these objects (and plain Python data) are passed between
+Ray actors; tensors inside them are always on CPU when they cross a boundary.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class ModelOutput:
+    """What a family model's ``forward`` returns.
+
+    logits: (B, L, V) float, raw and unshifted, exactly as the original model returns them
+        (Dream: position i scores token i+1; LLaDA/SDAR: position i scores token i).
+    past_key_values: family-specific cache object, or None.
+    """
+
+    logits: torch.Tensor
+    past_key_values: Any = None
+
+
+@dataclass
+class GenerationOutput:
+    """What every sampler returns.
+
+    sequences: (B, P + G) int64, prompt followed by the generated tokens, as the original
+        generate function returns them.
+    unmask_step: (B, G) int64, 0-based global denoising step at which each generated
+        position was unmasked (-1 where a position was never unmasked, e.g. after early stop).
+    nfe: number of model forward passes used for the whole batch.
+    """
+
+    sequences: torch.Tensor
+    unmask_step: torch.Tensor
+    nfe: int
+
+
+@dataclass
+class TokenBatch:
+    """A batch of tokenised prompt/response pairs for a learner step.
+
+    input_ids: (B, L) int64, right-padded with the family's pad/eos id.
+    prompt_lengths: (B,) int64, number of prompt tokens at the start of each row.
+    attention_mask: (B, L) int64, 1 on real tokens (prompt + response + eos padding
+        that the objective trains on), 0 on padding that must be ignored entirely.
+    loss_mask: (B, L) bool, True on positions that contribute to the loss (response
+        tokens, including trailing eos as the reference SFT trainers do).
+    """
+
+    input_ids: torch.Tensor
+    prompt_lengths: torch.Tensor
+    attention_mask: torch.Tensor
+    loss_mask: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def slice(self, start: int, stop: int) -> "TokenBatch":
+        return TokenBatch(
+            self.input_ids[start:stop],
+            self.prompt_lengths[start:stop],
+            self.attention_mask[start:stop],
+            self.loss_mask[start:stop],
+        )
+
+    def chunk(self, n: int) -> list["TokenBatch"]:
+        """Split into ``n`` contiguous, equally sized shards (B must divide by n)."""
+        if len(self) % n:
+            raise ValueError(f"batch of {len(self)} rows does not split into {n} equal shards")
+        size = len(self) // n
+        return [self.slice(i * size, (i + 1) * size) for i in range(n)]
+
+
+@dataclass
+class StepResult:
+    """What a learner worker reports after one optimiser step (already all-reduced).
+
+    metrics: scalar floats, e.g. {"loss": ..., "grad_norm": ..., "lr": ..., "tokens": ...}.
+    """
+
+    step: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class WeightsUpdate:
+    """Weights sent from learner rank 0 to rollout/evaluator workers.
+
+    state_dict: parameter name -> CPU tensor, names exactly as in the checkpoint.
+    version: the learner step that produced them.
+    """
+
+    state_dict: dict[str, torch.Tensor]
+    version: int
+
+
+@dataclass
+class EvalResult:
+    """What an evaluator worker reports.
+
+    metrics: scalar floats (e.g. {"heldout_loss": ...}).
+    samples: a few decoded generations, {"prompt": str, "completion": str} each.
+    """
+
+    step: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    samples: list[dict[str, str]] = field(default_factory=list)

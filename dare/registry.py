@@ -1,0 +1,178 @@
+"""Typed registries, filled by plugins through the ``register_*`` hooks.
+
+A recipe key such as ``algorithm: {name: sft}`` or ``model: {family: llada}`` is a plain
+lookup in one of these tables. Each entry type documents what a plugin must provide.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Generic, TypeVar
+
+import torch
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """Token ids the rest of dare needs, read from config.json / the tokenizer."""
+
+    mask_id: int
+    eos_id: int
+    pad_id: int
+    bos_id: int | None = None
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """A model family (LLaDA, Dream, SDAR, ...).
+
+    name: registry key used in recipes (``model.family``).
+    model_types: the ``model_type`` values of config.json this family loads.
+    build: ``build(config: dict) -> torch.nn.Module`` from the raw config.json dict. The
+        module must (a) have parameter names equal to the checkpoint's weight names,
+        (b) keep the raw dict as ``module.hf_config`` and set ``module.family = name``,
+        (c) create no tensors besides parameters in ``__init__`` (it is built on the meta
+        device and weights are assigned), and (d) return ``dare.protocol.ModelOutput``
+        from ``forward(input_ids, attention_mask=None, position_ids=None, **kw)``.
+    special_tokens: ``special_tokens(config: dict) -> SpecialTokens``.
+    default_sampler: the sampler name ``dare.generate`` uses when none is given.
+    shifted_logits: True when position i predicts token i+1 (Dream).
+    attention: "bidirectional" or "block_causal" (SDAR).
+    block_size: ``block_size(config) -> int | None`` for block-causal families.
+    lora_target_modules: module-name suffixes peft should adapt.
+    load_tokenizer: optional ``load_tokenizer(folder: Path)``; the default loads
+        ``tokenizer.json`` as a fast tokenizer, else vocab.json + merges.txt as Qwen2.
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    build: Callable[[dict], torch.nn.Module]
+    special_tokens: Callable[[dict], SpecialTokens]
+    default_sampler: str
+    shifted_logits: bool = False
+    attention: str = "bidirectional"
+    block_size: Callable[[dict], int | None] = lambda config: None
+    lora_target_modules: tuple[str, ...] = ()
+    load_tokenizer: Callable[[Path], Any] | None = None
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """A dLLM sampler.
+
+    fn: ``fn(model, prompt_ids, attention_mask=None, **kwargs) -> GenerationOutput``,
+        kwargs named as in the original generate function of the family.
+    families: family names the sampler works with.
+    """
+
+    name: str
+    fn: Callable[..., Any]
+    families: tuple[str, ...]
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """A post-training algorithm.
+
+    config_type: a dataclass of the algorithm's own options (the ``algorithm:`` block of a
+        recipe minus ``name``); unknown keys are rejected at validation.
+    loss: ``loss(model, batch, config, family, generator) -> (loss tensor, metrics dict)``,
+        run by learner workers. Pure in the sense that all randomness comes from
+        ``generator``.
+    kind: "supervised" (data -> loss) or "rl" (rollouts -> loss).
+    """
+
+    name: str
+    config_type: type
+    loss: Callable[..., Any]
+    kind: str = "supervised"
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Reward:
+    """A reward: ``fn(prompts, completions, **row) -> list[float]``."""
+
+    name: str
+    fn: Callable[..., list[float]]
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A dataset or benchmark.
+
+    load: ``load(split: str, **options) -> list[dict]``; every row has ``prompt`` (a chat
+        message list or a string) and, for supervised data, ``response``; other keys
+        (e.g. ``ground_truth``) are passed to rewards and scorers.
+    splits: the split names it offers.
+    """
+
+    name: str
+    load: Callable[..., list[dict]]
+    splits: tuple[str, ...] = ("train", "test")
+    description: str = ""
+
+
+T = TypeVar("T")
+
+
+class Table(Generic[T]):
+    """A name -> entry table whose errors name what is installed."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._entries: dict[str, T] = {}
+        self.owner: dict[str, str] = {}
+
+    def add(self, name: str, entry: T, plugin: str) -> None:
+        if name in self._entries:
+            raise ValueError(
+                f"{self.kind} {name!r} registered twice: by plugin {self.owner[name]!r} "
+                f"and by plugin {plugin!r}"
+            )
+        self._entries[name] = entry
+        self.owner[name] = plugin
+
+    def get(self, name: str) -> T:
+        if name not in self._entries:
+            raise KeyError(self.unknown_message(name))
+        return self._entries[name]
+
+    def unknown_message(self, name: str) -> str:
+        installed = ", ".join(sorted(self._entries)) or "none"
+        close = difflib.get_close_matches(name, list(self._entries), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        return f"unknown {self.kind} {name!r}; installed: {installed}.{hint}"
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def items(self):
+        return sorted(self._entries.items())
+
+
+@dataclass
+class Registry:
+    """All registries, filled once per plugin manager."""
+
+    families: Table[ModelFamily] = field(default_factory=lambda: Table("model family"))
+    samplers: Table[Sampler] = field(default_factory=lambda: Table("sampler"))
+    algorithms: Table[Algorithm] = field(default_factory=lambda: Table("algorithm"))
+    rewards: Table[Reward] = field(default_factory=lambda: Table("reward"))
+    datasets: Table[Dataset] = field(default_factory=lambda: Table("dataset"))
+
+    def family_for_model_type(self, model_type: str) -> ModelFamily:
+        for _, fam in self.families.items():
+            if model_type in fam.model_types:
+                return fam
+        known = sorted(t for _, f in self.families.items() for t in f.model_types)
+        raise KeyError(
+            f"no installed model family loads model_type {model_type!r}; known model types: "
+            f"{', '.join(known) or 'none'}"
+        )

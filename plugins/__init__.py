@@ -1,0 +1,1 @@
+"""First-party dare plugins (installed as the ``dare_plugins`` package)."""

@@ -1,0 +1,1 @@
+"""dream plugin (being written)."""

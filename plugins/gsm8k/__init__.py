@@ -1,0 +1,1 @@
+"""gsm8k plugin (being written)."""

@@ -1,0 +1,1 @@
+"""llada plugin (being written)."""

@@ -1,0 +1,1 @@
+"""sdar plugin (being written)."""

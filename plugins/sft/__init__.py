@@ -1,0 +1,1 @@
+"""sft plugin (being written)."""

@@ -1,0 +1,28 @@
+"""Shared test fixtures.
+
+``shared``: the folder of provided fixtures and data (env ``DARE_SHARED``, default
+``../shared`` beside the project root); tests that need it skip with a reason when it
+is absent (a user's clone), while CI always has it.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("DARE_SHARED", ROOT.parent / "shared"))
+
+
+def shared_path(*parts: str) -> Path:
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} not found: set DARE_SHARED to the shared fixtures folder")
+    return path
+
+
+@pytest.fixture
+def shared():
+    """Callable: ``shared('fixtures', 'llada-tiny')`` -> Path, or skip when absent."""
+    return shared_path
