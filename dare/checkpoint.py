@@ -24,6 +24,9 @@ TOKENIZER_FILES = (
 )
 
 
+DTYPES_BY_NAME = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 class CheckpointError(ValueError):
     """A checkpoint folder that cannot be loaded; the message names the file."""
 
@@ -121,13 +124,15 @@ def load_tokenizer(path: str | os.PathLike, registry: Registry | None = None):
 
 
 def save_model(model: torch.nn.Module, path: str | os.PathLike, tokenizer_from: str | os.PathLike | None = None,
-               dtype: torch.dtype | None = None, max_shard_bytes: int | None = None) -> Path:
+               dtype: torch.dtype | None = None, max_shard_bytes: int | None = None,
+               weights: bool = True) -> Path:
     """Write ``model`` as an HF checkpoint folder, atomically.
 
     The folder is written under a temporary name and renamed into place, so a crash
     never leaves a half-written checkpoint. Tokenizer files are copied from
     ``tokenizer_from`` (a checkpoint folder). ``max_shard_bytes`` writes a sharded
-    ``model.safetensors.index.json``.
+    ``model.safetensors.index.json``. ``weights=False`` writes config and tokenizer only
+    (a LoRA checkpoint keeps its adapter beside them).
     """
     folder = Path(path)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -138,7 +143,8 @@ def save_model(model: torch.nn.Module, path: str | os.PathLike, tokenizer_from: 
         if dtype is not None:
             state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
             config["torch_dtype"] = str(dtype).removeprefix("torch.")
-        _write_weights(state, tmp, max_shard_bytes)
+        if weights:
+            _write_weights(state, tmp, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if tokenizer_from is not None:
             for name in TOKENIZER_FILES:

@@ -97,7 +97,7 @@ class PluginManager:
                 info.registers.setdefault(table.kind, []).append(entry_name)
         for name, impl_names in self._command_plugins().items():
             out.setdefault(name, PluginInfo(name, self.versions.get(name, "?")))
-            out[name].registers.setdefault("command hook", []).extend(impl_names)
+            out[name].registers.setdefault("hooks", []).extend(impl_names)
         for name, error in self.failures.items():
             info = out.setdefault(name, PluginInfo(name, self.versions.get(name, "?")))
             info.error = error

@@ -51,12 +51,16 @@ class TokenBatch:
         that the objective trains on), 0 on padding that must be ignored entirely.
     loss_mask: (B, L) bool, True on positions that contribute to the loss (response
         tokens, including trailing eos as the reference SFT trainers do).
+    noise_seeds: (B,) int64, one seed per row for the objective's random masking. The
+        seed depends only on (run seed, step, row position in the global batch), so the
+        noise is the same whatever the number of learner workers, and after a resume.
     """
 
     input_ids: torch.Tensor
     prompt_lengths: torch.Tensor
     attention_mask: torch.Tensor
     loss_mask: torch.Tensor
+    noise_seeds: torch.Tensor
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -67,6 +71,7 @@ class TokenBatch:
             self.prompt_lengths[start:stop],
             self.attention_mask[start:stop],
             self.loss_mask[start:stop],
+            self.noise_seeds[start:stop],
         )
 
     def chunk(self, n: int) -> list["TokenBatch"]:
@@ -75,6 +80,18 @@ class TokenBatch:
             raise ValueError(f"batch of {len(self)} rows does not split into {n} equal shards")
         size = len(self) // n
         return [self.slice(i * size, (i + 1) * size) for i in range(n)]
+
+
+@dataclass
+class PromptBatch:
+    """Prompts for a rollout worker.
+
+    input_ids: (B, P) int64, left-padded with the family's pad id.
+    attention_mask: (B, P) int64, 0 on left padding; None when no row is padded.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None = None
 
 
 @dataclass

@@ -1,0 +1,160 @@
+"""The ``dare`` command line: run | validate | plugins | generate | export, plus plugin commands."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def cmd_run(args) -> int:
+    from dare import recipe as recipes
+    from dare.executor.driver import run
+
+    overrides = list(args.overrides) + (["run.resume=true"] if args.resume else [])
+    rec = recipes.load(args.recipe, overrides)
+    run_dir = run(rec, args.recipe, progress=not args.no_progress)
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from dare import recipe as recipes
+
+    rec = recipes.load(args.recipe, args.overrides)
+    recipes.validate(rec, args.recipe)
+    print(f"{args.recipe}: ok (family {rec.model.family}, algorithm {rec.algorithm_name}, "
+          f"{rec.learner.workers} learner worker(s), {rec.learner.steps} steps)")
+    return 0
+
+
+def cmd_plugins(args) -> int:
+    from dare.plugins import default_manager
+
+    for info in default_manager().info():
+        status = "FAILED" if info.error else "ok"
+        print(f"{info.name} {info.version} [{status}]")
+        for kind, names in sorted(info.registers.items()):
+            print(f"    {kind}: {', '.join(sorted(names))}")
+        if info.error:
+            print(f"    error: {info.error.splitlines()[0]}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    import dare
+    from dare.data import encode_prompt, left_pad
+    from dare.plugins import registry
+
+    model = dare.load_model(args.model, dtype=getattr(torch, args.dtype))
+    tok = dare.load_tokenizer(args.model)
+    family = registry().families.get(model.family)
+    pad = family.special_tokens(model.hf_config).pad_id
+    prompts = [encode_prompt(tok, p) if not args.raw else tok(p, add_special_tokens=False).input_ids
+               for p in args.prompt]
+    batch = left_pad(prompts, pad)
+    kwargs = {}
+    for item in args.set or []:
+        key, _, value = item.partition("=")
+        import yaml
+        kwargs[key] = yaml.safe_load(value)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    out = dare.generate(model, batch.input_ids, attention_mask=batch.attention_mask, sampler=args.sampler, **kwargs)
+    width = batch.input_ids.shape[1]
+    for i in range(len(prompts)):
+        print(tok.decode(out.sequences[i, width:], skip_special_tokens=True))
+    print(f"[nfe={out.nfe}]", file=sys.stderr)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from pathlib import Path
+
+    import dare
+    from dare.checkpoint import DTYPES_BY_NAME
+    from dare.lora import load_adapter, merged_state_dict
+
+    ckpt = Path(args.checkpoint)
+    adapter = ckpt / "adapter"
+    if not adapter.is_dir():
+        raise SystemExit(f"{ckpt}: no adapter/ folder; a full checkpoint needs no export")
+    import json
+    base_path = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base = dare.load_model(args.base or base_path, dtype=DTYPES_BY_NAME[args.dtype])
+    merged = load_adapter(base, adapter, trainable=False)
+    state = merged_state_dict(merged)
+    out = dare.load_model(args.base or base_path, dtype=DTYPES_BY_NAME[args.dtype])
+    out.load_state_dict(state, strict=True)
+    dare.save_model(out, args.out, tokenizer_from=ckpt)
+    print(f"merged {adapter} into {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dare", description="Post-training for diffusion language models.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run a recipe", description="Run a YAML recipe end to end on Ray.")
+    p.add_argument("recipe", help="path to the recipe YAML")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. learner.steps=5")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("validate", help="validate a recipe without running it")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("plugins", help="list installed plugins and what they register")
+    p.set_defaults(func=cmd_plugins)
+
+    p = sub.add_parser("generate", help="generate text with a checkpoint and a sampler")
+    p.add_argument("--model", required=True, help="HF checkpoint folder")
+    p.add_argument("--prompt", required=True, action="append", help="prompt text (repeat for a batch)")
+    p.add_argument("--sampler", default=None, help="sampler name (default: the family's)")
+    p.add_argument("--steps", type=int, dest="steps")
+    p.add_argument("--gen-length", type=int, dest="gen_length")
+    p.add_argument("--block-length", type=int, dest="block_length")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other sampler argument")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("export", help="merge a LoRA checkpoint into a full HF checkpoint")
+    p.add_argument("checkpoint", help="a run checkpoint folder holding adapter/")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--base", default=None, help="base model folder (default: from adapter_config.json)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dare.checkpoint import CheckpointError
+    from dare.plugins import default_manager
+    from dare.recipe import RecipeError
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    default_manager().hook.register_commands(subparsers=sub)
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    if args.command == "generate":  # map the CLI's generic flags to the sampler's names
+        args.set = (args.set or []) + [f"{k}={getattr(args, k)}" for k in ("steps", "gen_length", "block_length",
+                                                                         "temperature") if getattr(args, k) is not None]
+    try:
+        return args.func(args) or 0
+    except (RecipeError, CheckpointError, KeyError, ValueError, FileNotFoundError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""Role logic of the three workers, as plain classes (usable without Ray in tests).
+
+``actors.py`` turns each into a Ray actor. Constructors take the recipe as a plain dict
+and everything else crossing a boundary is a ``dare.protocol`` dataclass.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import socket
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from dare.checkpoint import load_model, save_model
+from dare.generation import generate
+from dare.lora import apply_lora, base_of, is_peft, load_adapter, merged_state_dict, save_adapter
+from dare.plugins import default_manager
+from dare.protocol import EvalResult, GenerationOutput, PromptBatch, StepResult, TokenBatch, WeightsUpdate
+from dare.recipe import Recipe, parse_options
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class _Role:
+    """What every role shares: the recipe, the family and algorithm entries, a model."""
+
+    def __init__(self, recipe: dict, num_threads: float):
+        self.recipe = Recipe.model_validate(recipe)
+        torch.set_num_threads(max(1, int(num_threads)))
+        reg = default_manager().registry
+        self.family = reg.families.get(self.recipe.model.family)
+        self.algorithm = reg.algorithms.get(self.recipe.algorithm_name)
+        self.algo_config = parse_options(self.algorithm.config_type, self.recipe.algorithm_options(), "algorithm")
+        self.model = load_model(self.recipe.model.path, DTYPES[self.recipe.model.dtype])
+        self.special = self.family.special_tokens(self.model.hf_config)
+        self.version = 0
+
+    def set_weights(self, update: WeightsUpdate) -> int:
+        self.model.load_state_dict(update.state_dict, strict=True)
+        self.version = update.version
+        return self.version
+
+
+class Learner(_Role):
+    """Computes the algorithm's loss and takes optimiser steps, data-parallel over ranks."""
+
+    def __init__(self, recipe: dict, rank: int = 0, world_size: int = 1):
+        learner_cfg = Recipe.model_validate(recipe).learner
+        super().__init__(recipe, learner_cfg.num_cpus)
+        self.rank, self.world_size = rank, world_size
+        seed = self.recipe.run.seed
+        torch.manual_seed(seed), random.seed(seed), np.random.seed(seed)
+        lora = self.recipe.model.lora
+        if lora is not None:
+            targets = lora.target_modules or list(self.family.lora_target_modules)
+            self.model = apply_lora(self.model, lora.r, lora.alpha, lora.dropout, targets)
+        self.model.train()
+        self.optimizer = self._optimizer()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+
+    # -- set-up -----------------------------------------------------------------------
+    def _optimizer(self) -> torch.optim.Optimizer:
+        opt = self.recipe.learner.optimizer
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if opt.name == "adamw":
+            return torch.optim.AdamW(params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
+        return torch.optim.SGD(params, lr=opt.lr, weight_decay=opt.weight_decay)
+
+    def _lr_factor(self, step: int) -> float:
+        cfg = self.recipe.learner
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        progress = min(1.0, progress)
+        if cfg.lr_schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def address(self) -> str:
+        """host:port for torch.distributed's rendezvous (called on rank 0)."""
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return f"{_node_ip()}:{port}"
+
+    def init_distributed(self, address: str) -> None:
+        backend = "nccl" if torch.cuda.is_available() and self.recipe.learner.num_gpus > 0 else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://{address}", rank=self.rank,
+                                world_size=self.world_size)
+        for p in self.model.parameters():  # identical start even if loading differed
+            dist.broadcast(p.data, src=0)
+
+    # -- training ---------------------------------------------------------------------
+    def train_step(self, shard: TokenBatch, step: int) -> StepResult:
+        cfg = self.recipe.learner
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        sums = {"loss": 0.0}
+        for start in range(0, len(shard), cfg.micro_batch_size):
+            micro = shard.slice(start, start + cfg.micro_batch_size)
+            per_row, metrics = self.algorithm.loss(self.model, micro, self.algo_config, self.family)
+            (per_row.sum() / cfg.global_batch_size).backward()
+            sums["loss"] += float(per_row.detach().sum())
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v
+        sums["tokens"] = float(shard.attention_mask.sum())
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.world_size > 1:
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            totals = torch.tensor([sums[k] for k in sorted(sums)], dtype=torch.float64)
+            dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+            sums = dict(zip(sorted(sums), totals.tolist()))
+        max_norm = cfg.grad_clip if cfg.grad_clip is not None else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.version = step + 1
+        metrics = {"loss": sums.pop("loss") / cfg.global_batch_size, "grad_norm": grad_norm, "lr": lr,
+                   "tokens": sums.pop("tokens")}
+        metrics.update({k: v / cfg.global_batch_size for k, v in sums.items()})
+        return StepResult(step, metrics)
+
+    def weights(self) -> WeightsUpdate:
+        """Full weights under their checkpoint names (LoRA merged in) for rollout/evaluation."""
+        return WeightsUpdate({k: v.cpu() for k, v in merged_state_dict(self.model).items()}, self.version)
+
+    def parameters_vector(self) -> torch.Tensor:
+        return torch.cat([p.detach().float().flatten().cpu() for p in self.model.parameters()])
+
+    # -- checkpoints ------------------------------------------------------------------
+    def save_checkpoint(self, folder: str, step: int) -> str:
+        """Rank 0 writes an HF folder (or the LoRA adapter) plus trainer state, atomically."""
+        folder = Path(folder)
+        tmp = folder.with_name(f".{folder.name}.partial")
+        if is_peft(self.model):
+            base = base_of(self.model)
+            save_model(base, tmp, tokenizer_from=self.recipe.model.path, weights=False)
+            save_adapter(self.model, tmp / "adapter", self.recipe.model.path)
+        else:
+            save_model(self.model, tmp, tokenizer_from=self.recipe.model.path)
+        state = {
+            "step": step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        torch.save(state, tmp / "trainer_state.pt")
+        if folder.exists():
+            import shutil
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+        return str(folder)
+
+    def load_checkpoint(self, folder: str) -> int:
+        folder = Path(folder)
+        if is_peft(self.model):
+            base = load_model(self.recipe.model.path, DTYPES[self.recipe.model.dtype])
+            self.model = load_adapter(base, folder / "adapter", trainable=True)
+            self.model.train()
+            self.optimizer = self._optimizer()
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        else:
+            fresh = load_model(folder, DTYPES[self.recipe.model.dtype])
+            self.model.load_state_dict(fresh.state_dict(), strict=True)
+        state = torch.load(folder / "trainer_state.pt", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        self.version = state["step"]
+        return state["step"]
+
+
+class Evaluator(_Role):
+    """Held-out loss of the current weights, with fixed noise so steps are comparable."""
+
+    def __init__(self, recipe: dict):
+        super().__init__(recipe, Recipe.model_validate(recipe).evaluator.num_cpus)
+
+    @torch.no_grad()
+    def evaluate(self, batch: TokenBatch, step: int) -> EvalResult:
+        self.model.eval()
+        micro = self.recipe.learner.micro_batch_size
+        total = 0.0
+        for start in range(0, len(batch), micro):
+            per_row, _ = self.algorithm.loss(self.model, batch.slice(start, start + micro),
+                                             self.algo_config, self.family)
+            total += float(per_row.sum())
+        return EvalResult(step, {"heldout_loss": total / len(batch)})
+
+
+class Rollout(_Role):
+    """Generates completions with a registered sampler on the latest synced weights."""
+
+    def __init__(self, recipe: dict):
+        super().__init__(recipe, Recipe.model_validate(recipe).rollout.num_cpus)
+
+    def generate(self, prompts: PromptBatch) -> GenerationOutput:
+        self.model.eval()
+        cfg = self.recipe.rollout
+        return generate(self.model, prompts.input_ids, attention_mask=prompts.attention_mask,
+                        sampler=cfg.sampler, **cfg.sampler_args)
+
+
+def _node_ip() -> str:
+    try:
+        import ray
+        return ray.util.get_node_ip_address()
+    except Exception:
+        return "127.0.0.1"
