@@ -78,9 +78,10 @@ class Algorithm:
 
     config_type: a dataclass of the algorithm's own options (the ``algorithm:`` block of a
         recipe minus ``name``); unknown keys are rejected at validation.
-    loss: ``loss(model, batch, config, family, generator) -> (loss tensor, metrics dict)``,
-        run by learner workers. Pure in the sense that all randomness comes from
-        ``generator``.
+    loss: ``loss(model, batch, config, family) -> (per_row_loss (B,), metrics)``, run by
+        learner and evaluator workers. ``metrics`` are sums over the batch's rows (the
+        learner reports their per-row mean). All randomness comes from
+        ``batch.noise_seeds``, so results do not depend on how a batch is split.
     kind: "supervised" (data -> loss) or "rl" (rollouts -> loss).
     """
 

@@ -26,3 +26,13 @@ def shared_path(*parts: str) -> Path:
 def shared():
     """Callable: ``shared('fixtures', 'llada-tiny')`` -> Path, or skip when absent."""
     return shared_path
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the whole test session."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
+    yield ray
+    ray.shutdown()

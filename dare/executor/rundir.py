@@ -55,12 +55,12 @@ class RunDir:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
     def truncate_after(self, step: int) -> None:
-        """Drop records of steps >= ``step`` (left by a run killed after its last checkpoint)."""
+        """Drop records of steps > ``step`` (left by a run killed after its last checkpoint)."""
         for name in ("metrics.jsonl", "samples.jsonl"):
             path = self.root / name
             if path.is_file():
                 keep = [line for line in path.read_text().splitlines()
-                        if line.strip() and json.loads(line)["step"] < step]
+                        if line.strip() and json.loads(line)["step"] <= step]
                 path.write_text("".join(line + "\n" for line in keep))
 
     def checkpoint_dir(self, step: int) -> Path:

@@ -37,7 +37,8 @@ def sft_loss(model: torch.nn.Module, batch: TokenBatch, config: SFTConfig, famil
         logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
     answer_lengths = batch.loss_mask.sum(dim=1)
     per_row = masked_diffusion_loss(logits, batch.input_ids, masked, p_mask, answer_lengths)
-    metrics = {"masked_tokens": float(masked.sum()), "mask_ratio": float(p_mask.mean())}
+    # metrics are sums over the rows; the learner reports their mean per row
+    metrics = {"masked_tokens": float(masked.sum()), "mask_ratio": float(p_mask.sum())}
     return per_row, metrics
 
 
