@@ -1,0 +1,28 @@
+# Two commands on a fresh machine:  make demo  (install + main job),  make test  (install + tests)
+VENV    ?= .venv
+PYTHON  ?= python3
+PY      := $(VENV)/bin/python
+PIP     := $(PY) -m pip
+export DARE_SHARED ?= ../shared
+
+.PHONY: install demo test clean-runs
+
+$(VENV)/.installed: pyproject.toml constraints.txt docs/examples/dare-example-plugin/pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0                      # first, from the CPU wheel
+	$(PIP) install -q -c constraints.txt -e ".[test]"    # torch kept at 2.13.0 by the constraints
+	$(PIP) install -q -c constraints.txt --no-deps -e docs/examples/dare-example-plugin
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	rm -rf runs/demo
+	$(VENV)/bin/dare run recipes/llada/sft_gsm8k.yaml run.name=demo
+
+test: install
+	$(PY) -m pytest
+
+clean-runs:
+	rm -rf runs
