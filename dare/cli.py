@@ -39,32 +39,60 @@ def cmd_plugins(args) -> int:
     return 0
 
 
+# generic `dare generate` flags -> the names some samplers use for the same thing
+ALIASES = {"gen_length": ("max_new_tokens",), "steps": ("denoising_steps",)}
+
+
+def sampler_kwargs(fn, given: dict) -> dict:
+    """Map generic CLI arguments onto the sampler's own names; reject unknown ones."""
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    accepts_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    out = {}
+    for key, value in given.items():
+        if key in params or accepts_any:
+            out[key] = value
+            continue
+        alias = next((a for a in ALIASES.get(key, ()) if a in params), None)
+        if alias is None:
+            names = [n for n in params if n not in ("model", "prompt_ids", "attention_mask")]
+            raise ValueError(f"sampler argument {key!r} is not accepted; it takes: {', '.join(names)}")
+        out[alias] = value
+    return out
+
+
 def cmd_generate(args) -> int:
     import torch
+    import yaml
 
     import dare
     from dare.data import encode_prompt, left_pad
+    from dare.generation import family_name
     from dare.plugins import registry
 
     model = dare.load_model(args.model, dtype=getattr(torch, args.dtype))
     tok = dare.load_tokenizer(args.model)
-    family = registry().families.get(model.family)
+    family = registry().families.get(family_name(model))
+    sampler = registry().samplers.get(args.sampler or family.default_sampler)
     pad = family.special_tokens(model.hf_config).pad_id
     prompts = [encode_prompt(tok, p) if not args.raw else tok(p, add_special_tokens=False).input_ids
                for p in args.prompt]
     batch = left_pad(prompts, pad)
-    kwargs = {}
+    given = {}
     for item in args.set or []:
-        key, _, value = item.partition("=")
-        import yaml
-        kwargs[key] = yaml.safe_load(value)
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r} is not of the form KEY=VALUE")
+        given[key.replace("-", "_")] = yaml.safe_load(value)
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    out = dare.generate(model, batch.input_ids, attention_mask=batch.attention_mask, sampler=args.sampler, **kwargs)
+    out = dare.generate(model, batch.input_ids, attention_mask=batch.attention_mask, sampler=sampler.name,
+                        **sampler_kwargs(sampler.fn, given))
     width = batch.input_ids.shape[1]
     for i in range(len(prompts)):
         print(tok.decode(out.sequences[i, width:], skip_special_tokens=True))
-    print(f"[nfe={out.nfe}]", file=sys.stderr)
+    print(f"[sampler={sampler.name} nfe={out.nfe}]", file=sys.stderr)
     return 0
 
 
