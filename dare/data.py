@@ -49,6 +49,32 @@ def encode_pairs(rows: list[dict], tokenizer, max_length: int, eos_id: int) -> l
     return out
 
 
+def encode_units(data_format: str, rows: list[dict], tokenizer, max_length: int, eos_id: int) -> list[list[Encoded]]:
+    """Rows -> training units: ``[[prompt+response]]`` for "sft", ``[[chosen], [rejected]]``
+    rows for "preference" (both with the same prompt; a pair is dropped if either side is)."""
+    if data_format == "sft":
+        return [[e] for e in encode_pairs(rows, tokenizer, max_length, eos_id)]
+    if data_format == "preference":
+        units = []
+        for row in rows:
+            missing = [k for k in ("prompt", "chosen", "rejected") if row.get(k) is None]
+            if missing:
+                raise ValueError(f"preference rows need prompt, chosen and rejected; missing {missing}")
+            pair = encode_pairs([{"prompt": row["prompt"], "response": row["chosen"]},
+                                 {"prompt": row["prompt"], "response": row["rejected"]}],
+                                tokenizer, max_length, eos_id)
+            if len(pair) == 2:
+                units.append(pair)
+        return units
+    raise ValueError(f"unknown data_format {data_format!r} (sft, preference)")
+
+
+def collate_units(units: list[list[Encoded]], max_length: int, pad_id: int, run_seed: int, step: int) -> TokenBatch:
+    """Flatten units into one TokenBatch; row k of the batch gets noise seed row_seed(run_seed, step, k)."""
+    items = [e for unit in units for e in unit]
+    return collate(items, max_length, pad_id, [row_seed(run_seed, step, k) for k in range(len(items))])
+
+
 def collate(items: list[Encoded], max_length: int, pad_id: int, seeds: list[int]) -> TokenBatch:
     """Right-pad with ``pad_id`` (LLaDA: <EOS>) to ``max_length``; padding is trained on."""
     B = len(items)

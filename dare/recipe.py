@@ -67,8 +67,8 @@ class LearnerConfig(Section):
     num_cpus: float = Field(1, ge=0)
     num_gpus: float = Field(0, ge=0)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
-    global_batch_size: int = Field(4, gt=0, description="rows per optimiser step, all workers")
-    micro_batch_size: int = Field(2, gt=0, description="rows per forward/backward on one worker")
+    global_batch_size: int = Field(4, gt=0, description="units per optimiser step, all workers (a unit is a row for SFT, a chosen/rejected pair for preference algorithms)")
+    micro_batch_size: int = Field(2, gt=0, description="units per forward/backward on one worker")
     steps: int = Field(10, gt=0)
     grad_clip: float | None = Field(1.0, gt=0)
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"

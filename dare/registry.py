@@ -43,6 +43,12 @@ class ModelFamily:
     lora_target_modules: module-name suffixes peft should adapt.
     load_tokenizer: optional ``load_tokenizer(folder: Path)``; the default loads
         ``tokenizer.json`` as a fast tokenizer, else vocab.json + merges.txt as Qwen2.
+    denoiser_logits: optional ``denoiser_logits(model, noisy_ids, clean_ids) -> (B, L, V)``:
+        how training objectives run the model as a denoiser; ``[:, j]`` must score
+        ``clean_ids[:, j]`` given the noisy sequence. Default (``denoise``): a plain
+        forward on ``noisy_ids``, shifted right by one for ``shifted_logits`` families.
+        Block-diffusion families (SDAR) concatenate noisy and clean under their
+        training mask.
     """
 
     name: str
@@ -55,6 +61,18 @@ class ModelFamily:
     block_size: Callable[[dict], int | None] = lambda config: None
     lora_target_modules: tuple[str, ...] = ()
     load_tokenizer: Callable[[Path], Any] | None = None
+    denoiser_logits: Callable[..., torch.Tensor] | None = None
+
+
+def denoise(family: ModelFamily, model: torch.nn.Module, noisy_ids: torch.Tensor,
+            clean_ids: torch.Tensor) -> torch.Tensor:
+    """Logits (B, L, V) of ``model`` as a denoiser: ``[:, j]`` scores ``clean_ids[:, j]``."""
+    if family.denoiser_logits is not None:
+        return family.denoiser_logits(model, noisy_ids, clean_ids)
+    logits = model(noisy_ids).logits
+    if family.shifted_logits:  # position j-1 predicts token j; position 0 keeps its own (Dream)
+        logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+    return logits
 
 
 @dataclass(frozen=True)
@@ -78,11 +96,17 @@ class Algorithm:
 
     config_type: a dataclass of the algorithm's own options (the ``algorithm:`` block of a
         recipe minus ``name``); unknown keys are rejected at validation.
-    loss: ``loss(model, batch, config, family) -> (per_row_loss (B,), metrics)``, run by
-        learner and evaluator workers. ``metrics`` are sums over the batch's rows (the
-        learner reports their per-row mean). All randomness comes from
+    loss: ``loss(model, batch, config, family, reference=None) -> (per_unit_loss, metrics)``,
+        run by learner and evaluator workers. A unit is ``rows_per_unit`` consecutive rows
+        of the TokenBatch (1 for SFT; 2 for preference pairs: chosen then rejected), so
+        ``per_unit_loss`` has shape (B / rows_per_unit,). ``metrics`` are sums over units
+        (the learner reports their mean per unit). All randomness comes from
         ``batch.noise_seeds``, so results do not depend on how a batch is split.
+        ``reference`` (when ``needs_reference``) is a callable with the model's signature
+        returning the frozen reference policy's output under ``torch.no_grad``.
     kind: "supervised" (data -> loss) or "rl" (rollouts -> loss).
+    data_format: "sft" (rows with prompt + response) or "preference" (prompt + chosen +
+        rejected).
     """
 
     name: str
@@ -90,6 +114,9 @@ class Algorithm:
     loss: Callable[..., Any]
     kind: str = "supervised"
     description: str = ""
+    rows_per_unit: int = 1
+    data_format: str = "sft"
+    needs_reference: bool = False
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import ray
 from tqdm import tqdm
 
 from dare.checkpoint import load_tokenizer
-from dare.data import DataOrder, collate, encode_pairs, encode_prompt, left_pad, row_seed
+from dare.data import DataOrder, collate_units, encode_prompt, encode_units, left_pad
 from dare.executor.actors import EvaluatorWorker, LearnerWorker, RolloutWorker
 from dare.executor.rundir import RunDir
 from dare.plugins import default_manager
@@ -60,16 +60,16 @@ def run(recipe: Recipe, source: str = "<recipe>", manager=None, progress: bool =
     tokenizer = load_tokenizer(recipe.model.path, reg)
     from dare.checkpoint import read_config
     special = family.special_tokens(read_config(recipe.model.path))
-    L = recipe.data.max_length
-    train = encode_pairs(dataset.load(recipe.data.train_split, limit=recipe.data.limit, **recipe.data.options),
+    algorithm = reg.algorithms.get(recipe.algorithm_name)
+    L, fmt = recipe.data.max_length, algorithm.data_format
+    train = encode_units(fmt, dataset.load(recipe.data.train_split, limit=recipe.data.limit, **recipe.data.options),
                          tokenizer, L, special.eos_id)
     order = DataOrder(len(train), recipe.learner.global_batch_size, recipe.run.seed)
     heldout_rows = []
     if recipe.data.eval_split is not None:
         heldout_rows = dataset.load(recipe.data.eval_split, limit=recipe.data.eval_limit, **recipe.data.options)
-    heldout = encode_pairs(heldout_rows, tokenizer, L, special.eos_id) if heldout_rows else []
-    heldout_batch = collate(heldout, L, special.pad_id, [row_seed(EVAL_SEED, 0, i) for i in range(len(heldout))]) \
-        if heldout else None
+    heldout = encode_units(fmt, heldout_rows, tokenizer, L, special.eos_id) if heldout_rows else []
+    heldout_batch = collate_units(heldout, L, special.pad_id, EVAL_SEED, 0) if heldout else None
     sample_rows = heldout_rows[: recipe.evaluator.num_samples]
 
     # -- workers ------------------------------------------------------------------------
@@ -96,12 +96,13 @@ def run(recipe: Recipe, source: str = "<recipe>", manager=None, progress: bool =
             weights = ray.put(ray.get(learners[0].weights.remote()))
             ray.get([w.set_weights.remote(weights) for w in evaluators + rollouts])
             if evaluators:
-                shards = heldout_batch.chunk(len(evaluators)) if len(heldout_batch) % len(evaluators) == 0 \
-                    else [heldout_batch]
+                n = len(heldout)  # units; each evaluator gets an equal share (or all of it)
+                parts = len(evaluators) if n % len(evaluators) == 0 else 1
+                shards = heldout_batch.chunk(parts)
                 results = ray.get([w.evaluate.remote(s, step) for w, s in zip(evaluators, shards)])
-                loss = sum(r.metrics["heldout_loss"] * len(s) for r, s in zip(results, shards)) / len(heldout_batch)
-                run_dir.log("eval", step, {"heldout_loss": loss})
-                tqdm.write(f"step {step}: heldout_loss {loss:.4f}")
+                metrics = {k: sum(r.metrics[k] for r in results) / len(results) for k in results[0].metrics}
+                run_dir.log("eval", step, metrics)
+                tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             if rollouts:
                 prompts = [encode_prompt(tokenizer, r["prompt"]) for r in sample_rows]
                 gen = ray.get(rollouts[0].generate.remote(left_pad(prompts, special.pad_id)))
@@ -125,9 +126,7 @@ def run(recipe: Recipe, source: str = "<recipe>", manager=None, progress: bool =
         bar = tqdm(range(start, lc.steps), initial=start, total=lc.steps, desc=recipe.run.name,
                    disable=not progress, dynamic_ncols=True)
         for step in bar:
-            indices = order.indices(step)
-            batch = collate([train[i] for i in indices], L, special.pad_id,
-                            [row_seed(recipe.run.seed, step, i) for i in range(len(indices))])
+            batch = collate_units([train[i] for i in order.indices(step)], L, special.pad_id, recipe.run.seed, step)
             t0 = time.perf_counter()
             results = ray.get([w.train_step.remote(s, step) for w, s in zip(learners, batch.chunk(lc.workers))])
             elapsed = time.perf_counter() - t0

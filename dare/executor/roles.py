@@ -38,6 +38,15 @@ class _Role:
         self.model = load_model(self.recipe.model.path, DTYPES[self.recipe.model.dtype])
         self.special = self.family.special_tokens(self.model.hf_config)
         self.version = 0
+        self._frozen = None  # reference copy when the algorithm needs one and LoRA is off
+
+    @property
+    def units_per_micro(self) -> int:
+        return self.recipe.learner.micro_batch_size
+
+    def _loss(self, batch: TokenBatch):
+        reference = ReferencePolicy(self) if self.algorithm.needs_reference else None
+        return self.algorithm.loss(self.model, batch, self.algo_config, self.family, reference=reference)
 
     def set_weights(self, update: WeightsUpdate) -> int:
         self.model.load_state_dict(update.state_dict, strict=True)
@@ -99,14 +108,14 @@ class Learner(_Role):
     # -- training ---------------------------------------------------------------------
     def train_step(self, shard: TokenBatch, step: int) -> StepResult:
         cfg = self.recipe.learner
+        rows = cfg.micro_batch_size * self.algorithm.rows_per_unit
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         sums = {"loss": 0.0}
-        for start in range(0, len(shard), cfg.micro_batch_size):
-            micro = shard.slice(start, start + cfg.micro_batch_size)
-            per_row, metrics = self.algorithm.loss(self.model, micro, self.algo_config, self.family)
-            (per_row.sum() / cfg.global_batch_size).backward()
-            sums["loss"] += float(per_row.detach().sum())
+        for start in range(0, len(shard), rows):
+            per_unit, metrics = self._loss(shard.slice(start, start + rows))
+            (per_unit.sum() / cfg.global_batch_size).backward()
+            sums["loss"] += float(per_unit.detach().sum())
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v
         sums["tokens"] = float(shard.attention_mask.sum())
@@ -188,14 +197,18 @@ class Evaluator(_Role):
 
     @torch.no_grad()
     def evaluate(self, batch: TokenBatch, step: int) -> EvalResult:
+        """Mean held-out loss per unit, plus the algorithm's metrics (e.g. reward margin)."""
         self.model.eval()
-        micro = self.recipe.learner.micro_batch_size
-        total = 0.0
-        for start in range(0, len(batch), micro):
-            per_row, _ = self.algorithm.loss(self.model, batch.slice(start, start + micro),
-                                             self.algo_config, self.family)
-            total += float(per_row.sum())
-        return EvalResult(step, {"heldout_loss": total / len(batch)})
+        rpu = self.algorithm.rows_per_unit
+        rows = self.recipe.learner.micro_batch_size * rpu
+        sums = {"heldout_loss": 0.0}
+        for start in range(0, len(batch), rows):
+            per_unit, metrics = self._loss(batch.slice(start, start + rows))
+            sums["heldout_loss"] += float(per_unit.sum())
+            for k, v in metrics.items():
+                sums[f"heldout_{k}"] = sums.get(f"heldout_{k}", 0.0) + v
+        units = len(batch) // rpu
+        return EvalResult(step, {k: v / units for k, v in sums.items()})
 
 
 class Rollout(_Role):
@@ -209,6 +222,30 @@ class Rollout(_Role):
         cfg = self.recipe.rollout
         return generate(self.model, prompts.input_ids, attention_mask=prompts.attention_mask,
                         sampler=cfg.sampler, **cfg.sampler_args)
+
+
+class ReferencePolicy:
+    """The frozen reference policy of preference/RL objectives, called like the model.
+
+    With LoRA the reference is the same network with its adapters disabled (no second copy
+    in memory); otherwise a frozen copy of the starting checkpoint, loaded on first use.
+    """
+
+    def __init__(self, role: _Role):
+        self.role = role
+        self.hf_config = base_of(role.model).hf_config
+        self.family = role.family.name
+
+    @torch.no_grad()
+    def __call__(self, *args, **kwargs):
+        model = self.role.model
+        if is_peft(model):
+            with model.disable_adapter():
+                return model(*args, **kwargs)
+        if self.role._frozen is None:
+            frozen = load_model(self.role.recipe.model.path, DTYPES[self.role.recipe.model.dtype])
+            self.role._frozen = frozen.requires_grad_(False).eval()
+        return self.role._frozen(*args, **kwargs)
 
 
 def _node_ip() -> str:

@@ -12,7 +12,7 @@ import torch
 
 import dare
 from dare.protocol import TokenBatch
-from dare.registry import Algorithm, ModelFamily
+from dare.registry import Algorithm, ModelFamily, denoise
 
 from .loss import forward_noise, masked_diffusion_loss
 
@@ -27,14 +27,13 @@ class SFTConfig:
     eps: float = 1e-3
 
 
-def sft_loss(model: torch.nn.Module, batch: TokenBatch, config: SFTConfig, family: ModelFamily):
+def sft_loss(model: torch.nn.Module, batch: TokenBatch, config: SFTConfig, family: ModelFamily,
+             reference=None):
     """Per-row masked-diffusion SFT loss (B,) and metrics for one micro-batch."""
     special = family.special_tokens(model_config(model))
     noisy, masked, p_mask = forward_noise(batch.input_ids, batch.loss_mask, batch.noise_seeds,
                                           special.mask_id, config.eps)
-    logits = model(noisy).logits
-    if family.shifted_logits:
-        logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+    logits = denoise(family, model, noisy, batch.input_ids)
     answer_lengths = batch.loss_mask.sum(dim=1)
     per_row = masked_diffusion_loss(logits, batch.input_ids, masked, p_mask, answer_lengths)
     # metrics are sums over the rows; the learner reports their mean per row
