@@ -73,6 +73,9 @@ class LearnerConfig(Section):
     grad_clip: float | None = Field(1.0, gt=0)
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = Field(0, ge=0)
+    precision: Literal["fp32", "bf16-autocast"] = Field(
+        "fp32", description="bf16-autocast: float32 master weights, bfloat16 matmuls in forward/backward")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
 
 
 class RolloutConfig(Section):

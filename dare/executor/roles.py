@@ -5,6 +5,7 @@ and everything else crossing a boundary is a ``dare.protocol`` dataclass.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -63,6 +64,8 @@ class Learner(_Role):
         self.rank, self.world_size = rank, world_size
         seed = self.recipe.run.seed
         torch.manual_seed(seed), random.seed(seed), np.random.seed(seed)
+        if self.recipe.learner.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
         lora = self.recipe.model.lora
         if lora is not None:
             targets = lora.target_modules or list(self.family.lora_target_modules)
@@ -91,6 +94,12 @@ class Learner(_Role):
             return 1.0 - progress
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
+    def _autocast(self):
+        if self.recipe.learner.precision == "bf16-autocast":
+            device = "cuda" if next(self.model.parameters()).is_cuda else "cpu"
+            return torch.autocast(device_type=device, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     def address(self) -> str:
         """host:port for torch.distributed's rendezvous (called on rank 0)."""
         with socket.socket() as s:
@@ -113,8 +122,9 @@ class Learner(_Role):
         self.optimizer.zero_grad(set_to_none=True)
         sums = {"loss": 0.0}
         for start in range(0, len(shard), rows):
-            per_unit, metrics = self._loss(shard.slice(start, start + rows))
-            (per_unit.sum() / cfg.global_batch_size).backward()
+            with self._autocast():
+                per_unit, metrics = self._loss(shard.slice(start, start + rows))
+            (per_unit.float().sum() / cfg.global_batch_size).backward()
             sums["loss"] += float(per_unit.detach().sum())
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v
