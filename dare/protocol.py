@@ -83,6 +83,59 @@ class TokenBatch:
 
 
 @dataclass
+class RolloutBatch:
+    """Completions with their advantages, for an RL learner step (G completions per prompt).
+
+    input_ids: (B, P + C) int64, the left-padded prompt (P columns, same for every row)
+        followed by the completion (C columns), exactly as the rollout sampler returned it.
+    attention_mask: (B, P + C) int64, 0 on the prompt's left padding, 1 elsewhere.
+    completion_mask: (B, C) bool, True on completion tokens that count: up to and
+        including the first EOS (the rest, the sampler's EOS padding, does not).
+    advantages: (B,) float32, group-relative advantages.
+    rewards: (B,) float32, the summed rewards (for logging and SPG's sign split).
+    group_ids: (B,) int64, rows with the same id come from the same prompt.
+    noise_seeds: (B,) int64, per-row seeds for the estimator's random masks; inner
+        iteration k uses ``noise_seeds * 1000 + k`` (a fresh mask per iteration).
+    unmask_step: (B, C) int64, the sampler's trajectory (step each position was unmasked).
+    extras: per-algorithm tensors filled by ``Algorithm.prepare`` before the updates,
+        e.g. {"old_logps": (K, B, C), "ref_logps": (K, B, C)} for K inner iterations.
+    iteration: the inner iteration the next loss call belongs to.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    completion_mask: torch.Tensor
+    advantages: torch.Tensor
+    rewards: torch.Tensor
+    group_ids: torch.Tensor
+    noise_seeds: torch.Tensor
+    unmask_step: torch.Tensor
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    iteration: int = 0
+
+    @property
+    def prompt_width(self) -> int:
+        return int(self.input_ids.shape[1] - self.completion_mask.shape[1])
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def slice(self, start: int, stop: int) -> "RolloutBatch":
+        return RolloutBatch(
+            self.input_ids[start:stop], self.attention_mask[start:stop], self.completion_mask[start:stop],
+            self.advantages[start:stop], self.rewards[start:stop], self.group_ids[start:stop],
+            self.noise_seeds[start:stop], self.unmask_step[start:stop],
+            {k: v[:, start:stop] for k, v in self.extras.items()}, self.iteration,
+        )
+
+    def chunk(self, n: int) -> list["RolloutBatch"]:
+        if len(self) % n:
+            raise ValueError(f"batch of {len(self)} rows does not split into {n} equal shards")
+        size = len(self) // n
+        return [self.slice(i * size, (i + 1) * size) for i in range(n)]
+
+
+@dataclass
 class PromptBatch:
     """Prompts for a rollout worker.
 

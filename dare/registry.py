@@ -104,9 +104,16 @@ class Algorithm:
         ``batch.noise_seeds``, so results do not depend on how a batch is split.
         ``reference`` (when ``needs_reference``) is a callable with the model's signature
         returning the frozen reference policy's output under ``torch.no_grad``.
-    kind: "supervised" (data -> loss) or "rl" (rollouts -> loss).
+    kind: "supervised" (data -> loss) or "rl" (rollouts -> loss). An rl loss receives a
+        ``dare.protocol.RolloutBatch`` (rows_per_unit 1) and returns per-row losses.
     data_format: "sft" (rows with prompt + response) or "preference" (prompt + chosen +
-        rejected).
+        rejected); rl algorithms read prompts (+ reward columns) and ignore it.
+    prepare: rl only, optional ``prepare(model, batch, config, family, reference=None) ->
+        RolloutBatch``, run once per rollout batch under ``torch.no_grad`` before the
+        updates (e.g. the old policy's and the reference's log-probabilities for every
+        inner iteration, stored in ``batch.extras``). The learner then runs
+        ``config.num_iterations`` optimiser steps on the batch (default 1), setting
+        ``batch.iteration`` before each.
     """
 
     name: str
@@ -117,6 +124,7 @@ class Algorithm:
     rows_per_unit: int = 1
     data_format: str = "sft"
     needs_reference: bool = False
+    prepare: Callable[..., Any] | None = None
 
 
 @dataclass(frozen=True)
