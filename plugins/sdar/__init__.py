@@ -13,6 +13,7 @@ from dare import hookimpl
 from dare.registry import ModelFamily, Sampler, SpecialTokens
 from dare_plugins.sdar.modeling import SDARForCausalLM, build, tiny_config
 from dare_plugins.sdar.sampler import block_diffusion_generate
+from dare_plugins.sdar.training import denoiser_logits
 
 __all__ = ["SDARForCausalLM", "block_diffusion_generate", "tiny_config", "special_tokens", "load_tokenizer"]
 
@@ -66,6 +67,7 @@ def register_model_families(register):
         block_size=lambda config: config["block_size"],
         lora_target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
         load_tokenizer=load_tokenizer,
+        denoiser_logits=denoiser_logits,
     ))
 
 
