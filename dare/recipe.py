@@ -84,6 +84,22 @@ class RolloutConfig(Section):
     num_gpus: float = Field(0, ge=0)
     sampler: str | None = Field(None, description="registered sampler; default: the family's")
     sampler_args: dict[str, Any] = Field(default_factory=dict, description="the sampler's own kwargs")
+    eval_sampler_args: dict[str, Any] | None = Field(
+        None, description="sampler kwargs for evaluation generations (default: sampler_args)")
+    group_size: int = Field(4, gt=0, description="RL: completions sampled per prompt (G)")
+
+
+class RewardTerm(Section):
+    name: str = Field(description="registered reward")
+    weight: float = 1.0
+
+
+class RewardConfig(Section):
+    functions: list[RewardTerm] = Field(default_factory=list, description="summed with their weights")
+    timeout_s: float = Field(30.0, gt=0, description="per call; a sample that fails or times out scores 0")
+    advantage: Literal["mean_std", "mean"] = Field(
+        "mean_std", description="group-relative advantage: (r - mean) / (std + eps), or r - mean")
+    workers: int = Field(2, gt=0, description="parallel Ray tasks per reward function")
 
 
 class EvaluatorConfig(Section):
@@ -116,6 +132,7 @@ class Recipe(Section):
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     evaluator: EvaluatorConfig = Field(default_factory=EvaluatorConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
     run: RunConfig
     ray: RayConfig = Field(default_factory=RayConfig)
 
@@ -292,6 +309,18 @@ def validate(recipe: Recipe, source: str, manager=None) -> Any:
     elif (learner.global_batch_size // learner.workers) % learner.micro_batch_size:
         errors.append(f"  learner.micro_batch_size ({learner.micro_batch_size}) must divide the "
                       f"per-worker batch ({learner.global_batch_size // learner.workers})")
+    algorithm = reg.algorithms.get(recipe.algorithm_name) if recipe.algorithm_name in reg.algorithms else None
+    if algorithm is not None and algorithm.kind == "rl":
+        if not recipe.reward.functions:
+            errors.append("  reward.functions: an rl algorithm needs at least one reward")
+        for i, term in enumerate(recipe.reward.functions):
+            if term.name not in reg.rewards:
+                errors.append(f"  reward.functions.{i}.name: {reg.rewards.unknown_message(term.name)}")
+        if learner.global_batch_size % recipe.rollout.group_size:
+            errors.append(f"  learner.global_batch_size ({learner.global_batch_size} completions) must divide by "
+                          f"rollout.group_size ({recipe.rollout.group_size})")
+        if recipe.rollout.workers < 1:
+            errors.append("  rollout.workers: an rl algorithm needs at least one rollout worker")
     if not Path(recipe.model.path).is_dir():
         errors.append(f"  model.path: {recipe.model.path!r} is not a directory")
     for plugin_errors in manager.hook.validate_recipe(recipe=recipe, registry=reg):

@@ -20,7 +20,8 @@ from dare.checkpoint import load_model, save_model
 from dare.generation import generate
 from dare.lora import apply_lora, base_of, is_peft, load_adapter, merged_state_dict, save_adapter
 from dare.plugins import default_manager
-from dare.protocol import EvalResult, GenerationOutput, PromptBatch, StepResult, TokenBatch, WeightsUpdate
+from dare.protocol import (EvalResult, GenerationOutput, PromptBatch, RolloutBatch, StepResult, TokenBatch,
+                           WeightsUpdate)
 from dare.recipe import Recipe, parse_options
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -53,6 +54,29 @@ class _Role:
         self.model.load_state_dict(update.state_dict, strict=True)
         self.version = update.version
         return self.version
+
+    def weights_checksum(self) -> float:
+        """Sum of all weights in float64: cheap evidence that two workers hold the same weights."""
+        return float(sum(v.double().sum() for v in merged_state_dict(self.model).values()))
+
+    @torch.no_grad()
+    def generate(self, prompts: PromptBatch, seed: int | None = None, sampler_args: dict | None = None
+                 ) -> GenerationOutput:
+        """Sample completions with the recipe's sampler. ``seed`` seeds a torch.Generator
+        (when the sampler takes one), so every call draws fresh but reproducible samples."""
+        self.model.eval()
+        cfg = self.recipe.rollout
+        kwargs = dict(cfg.sampler_args if sampler_args is None else sampler_args)
+        if seed is not None:
+            import inspect
+            from dare.plugins import registry as _registry
+            fn = _registry().samplers.get(cfg.sampler or self.family.default_sampler).fn
+            if "generator" in inspect.signature(fn).parameters:
+                kwargs["generator"] = torch.Generator().manual_seed(int(seed))
+            else:
+                torch.manual_seed(int(seed))
+        return generate(self.model, prompts.input_ids, attention_mask=prompts.attention_mask,
+                        sampler=cfg.sampler, **kwargs)
 
 
 class Learner(_Role):
@@ -129,25 +153,70 @@ class Learner(_Role):
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v
         sums["tokens"] = float(shard.attention_mask.sum())
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if self.world_size > 1:
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-            totals = torch.tensor([sums[k] for k in sorted(sums)], dtype=torch.float64)
-            dist.all_reduce(totals, op=dist.ReduceOp.SUM)
-            sums = dict(zip(sorted(sums), totals.tolist()))
-        max_norm = cfg.grad_clip if cfg.grad_clip is not None else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
+        grad_norm = self._reduce_and_step()
+        sums = self._all_reduce_sums(sums)
         self.scheduler.step()
         self.version = step + 1
         metrics = {"loss": sums.pop("loss") / cfg.global_batch_size, "grad_norm": grad_norm, "lr": lr,
                    "tokens": sums.pop("tokens")}
         metrics.update({k: v / cfg.global_batch_size for k, v in sums.items()})
         return StepResult(step, metrics)
+
+    def train_rl(self, shard: RolloutBatch, step: int) -> StepResult:
+        """One RL update on this worker's share of a rollout batch: ``prepare`` (old/ref
+        log-probs, no grad), then ``num_iterations`` optimiser steps over the shard."""
+        cfg = self.recipe.learner
+        per_worker = cfg.global_batch_size // self.world_size
+        reference = ReferencePolicy(self) if self.algorithm.needs_reference else None
+        if self.algorithm.prepare is not None:
+            with torch.no_grad():
+                shard = self.algorithm.prepare(self.model, shard, self.algo_config, self.family, reference=reference)
+        sums: dict[str, float] = {}
+        grad_norms = []
+        lr = self.scheduler.get_last_lr()[0]
+        iterations = int(getattr(self.algo_config, "num_iterations", 1))
+        for iteration in range(iterations):
+            shard.iteration = iteration
+            self.model.train()
+            self.optimizer.zero_grad(set_to_none=True)
+            for start in range(0, len(shard), cfg.micro_batch_size):
+                with self._autocast():
+                    per_row, metrics = self.algorithm.loss(self.model, shard.slice(start, start + cfg.micro_batch_size),
+                                                           self.algo_config, self.family, reference=reference)
+                (per_row.float().sum() / cfg.global_batch_size).backward()
+                sums["loss"] = sums.get("loss", 0.0) + float(per_row.detach().sum())
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+            grad_norms.append(self._reduce_and_step())
+        self.scheduler.step()
+        self.version = step + 1
+        totals = self._all_reduce_sums(sums)
+        denom = cfg.global_batch_size * iterations
+        metrics = {k: v / denom for k, v in totals.items()}
+        metrics.update(grad_norm=sum(grad_norms) / len(grad_norms), lr=lr, rows_per_worker=float(per_worker))
+        return StepResult(step, metrics)
+
+    def _reduce_and_step(self) -> float:
+        """All-reduce gradients (sum), clip, optimiser step; returns the gradient norm."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.world_size > 1:
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        max_norm = self.recipe.learner.grad_clip if self.recipe.learner.grad_clip is not None else float("inf")
+        norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        self.optimizer.step()
+        return norm
+
+    def _all_reduce_sums(self, sums: dict[str, float]) -> dict[str, float]:
+        if self.world_size == 1:
+            return sums
+        keys = sorted(sums)
+        totals = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+        return dict(zip(keys, totals.tolist()))
 
     def weights(self) -> WeightsUpdate:
         """Full weights under their checkpoint names (LoRA merged in) for rollout/evaluation."""
@@ -226,12 +295,6 @@ class Rollout(_Role):
 
     def __init__(self, recipe: dict):
         super().__init__(recipe, Recipe.model_validate(recipe).rollout.num_cpus)
-
-    def generate(self, prompts: PromptBatch) -> GenerationOutput:
-        self.model.eval()
-        cfg = self.recipe.rollout
-        return generate(self.model, prompts.input_ids, attention_mask=prompts.attention_mask,
-                        sampler=cfg.sampler, **cfg.sampler_args)
 
 
 class ReferencePolicy:

@@ -11,13 +11,16 @@ RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
 SMOKE = ["learner.steps=2", "learner.workers=1", "learner.global_batch_size=2", "learner.micro_batch_size=1",
          "data.limit=16", "data.eval_limit=2", "evaluator.every=2", "evaluator.num_samples=1",
          "run.checkpoint_every=0", "run.tensorboard=false"]
+# the smallest Monte-Carlo budget of each algorithm, to keep the smoke runs short
+BUDGET = {"dpo": ["algorithm.n_mc=1"], "vrpo": ["algorithm.n_t=1"]}
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[str(p.relative_to(ROOT)) for p in RECIPES])
 def test_recipe_smoke_run(path, shared, tmp_path, ray_cluster, monkeypatch):
     from dare.executor.driver import run
     monkeypatch.setenv("DARE_SHARED", str(shared("")))
-    rec = recipes.load(path, SMOKE + [f"run.output_dir={tmp_path}"])
+    algorithm = recipes.load(path).algorithm_name
+    rec = recipes.load(path, SMOKE + BUDGET.get(algorithm, []) + [f"run.output_dir={tmp_path}"])
     run_dir = run(rec, str(path), progress=False)
     metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [m for m in metrics if m["kind"] == "train"]
