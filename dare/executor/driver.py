@@ -191,7 +191,7 @@ def supervised_loop(state: Run, train_rows: list[dict], eval_rows: list[dict], s
 
 
 def rl_loop(state: Run, train_rows: list[dict], eval_rows: list[dict], start: int, progress: bool) -> None:
-    from dare.rl import group_advantages
+    from dare.rl import group_advantages, token_norm
 
     recipe, tok, special, reg = state.recipe, state.tokenizer, state.special, state.manager.registry
     G, lc = recipe.rollout.group_size, recipe.learner
@@ -260,6 +260,7 @@ def rl_loop(state: Run, train_rows: list[dict], eval_rows: list[dict], start: in
         advantages = group_advantages(reward_t, group_ids, scale=recipe.reward.advantage)
         batch = rollout_batch(ids, mask, comps, steps, special.eos_id, reward_t, advantages, group_ids,
                               [row_seed(recipe.run.seed, step, k) for k in range(len(flat))])
+        batch.extras["token_norm"] = token_norm(batch.completion_mask)  # global, before sharding
         t2 = time.perf_counter()
         results = ray.get([w.train_rl.remote(s, step) for w, s in zip(state.learners, batch.chunk(lc.workers))])
         t3 = time.perf_counter()

@@ -48,8 +48,8 @@ def test_registered_with_diffucoder_defaults():
     algo = reg.algorithms.get("coupled_grpo")
     assert algo.kind == "rl" and algo.prepare is coupled_grpo_prepare and algo.needs_reference
     cfg = CoupledGRPOConfig()
-    assert (cfg.num_iterations, cfg.t_min, cfg.t_max, cfg.epsilon, cfg.beta, cfg.normalization, cfg.scale_rewards) == \
-        (2, 0.2, 0.8, 0.5, 0.01, "token", False)
+    assert (cfg.num_iterations, cfg.t_min, cfg.t_max, cfg.epsilon, cfg.beta, cfg.normalization) == \
+        (2, 0.2, 0.8, 0.5, 0.01, "token")
     for bad in ({"t_min": 0.0}, {"t_max": 1.0}, {"t_min": 0.7, "t_max": 0.3}, {"num_iterations": 0}):
         with pytest.raises(RecipeError):
             parse_options(CoupledGRPOConfig, bad, "algorithm")

@@ -62,7 +62,6 @@ def test_registered_as_rl_with_prepare_and_reference():
     cfg = D1Config()
     assert (cfg.num_iterations, cfg.p_mask_prompt, cfg.epsilon, cfg.beta, cfg.normalization) == \
         (12, 0.15, 0.5, 0.04, "token")
-    assert cfg.advantage_scale == "mean" and D1Config(scale_rewards=True).advantage_scale == "mean_std"
     parsed = parse_options(D1Config, {"num_iterations": 2, "normalization": "sequence"}, "algorithm")
     assert parsed.num_iterations == 2 and parsed.normalization == "sequence"
     for bad in ({"num_iterations": 0}, {"p_mask_prompt": 1.0}, {"normalization": "row"}, {"beta": -1.0}):
@@ -245,6 +244,35 @@ def test_tiny_model_loss_finite_backward_and_split_invariant(name):
         halves = torch.cat([d1_loss(model, part, cfg, fam)[0] for part in b.chunk(2)])
         whole = d1_loss(model, b, cfg, fam)[0]
     torch.testing.assert_close(halves, whole, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_adapters_train_and_the_disabled_adapter_is_the_reference():
+    """With fresh LoRA adapters (B = 0) the policy equals the reference (adapters disabled): the KL is
+    0 and the loss is -A per counted token; gradients reach the adapter weights only."""
+    from dare.lora import apply_lora
+
+    fam = family("llada")
+    model = apply_lora(tiny(), r=4, alpha=8, dropout=0.0, target_modules=list(fam.lora_target_modules))
+
+    class AdapterOff:
+        hf_config = model.get_base_model().hf_config
+
+        @torch.no_grad()
+        def __call__(self, *args, **kwargs):
+            with model.disable_adapter():
+                return model(*args, **kwargs)
+
+    cfg = D1Config(num_iterations=2)
+    b = d1_prepare(model, tiny_batch(), cfg, fam, reference=AdapterOff())
+    torch.testing.assert_close(b.extras["ref_logps"], b.extras["old_logps"])
+    b.iteration = 1
+    loss, metrics = d1_loss(model, b, cfg, fam)
+    lengths = b.completion_mask.float().sum(1)
+    torch.testing.assert_close(loss, -b.advantages * lengths / lengths.mean(), atol=1e-5, rtol=1e-5)
+    assert metrics["kl"] == pytest.approx(0.0, abs=1e-6)
+    loss.mean().backward()
+    trained = [n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+    assert trained and all("lora_" in n for n in trained)
 
 
 def masked_logp_gap(model, fam, batch):
