@@ -36,3 +36,18 @@ def ray_cluster():
         ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def quickstart_model(tmp_path_factory):
+    """The quickstart's small LLaDA-architecture model + char tokenizer, built in code."""
+    from dare_plugins.quickstart.task import make_base_model
+
+    return make_base_model(tmp_path_factory.mktemp("quickstart") / "base")
+
+
+@pytest.fixture
+def recipe_overrides(quickstart_model):
+    """``recipe_overrides(path)``: recipes whose model is made by a command (the quickstart)
+    get a model built in code."""
+    return lambda path: [f"model.path={quickstart_model}"] if "quickstart" in Path(path).parts else []

@@ -17,7 +17,7 @@ CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m[
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
-def problems(split: str, size: int, max_operand: int, heldout_size: int = 256) -> list[tuple[int, int]]:
+def problems(split: str, size: int, max_operand: int, heldout_size: int = 128) -> list[tuple[int, int]]:
     heldout_rng = random.Random(1)
     heldout = []
     seen = set()

@@ -12,10 +12,10 @@ RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[str(p.relative_to(ROOT)) for p in RECIPES])
-def test_every_recipe_validates(path, shared, monkeypatch):
+def test_every_recipe_validates(path, shared, monkeypatch, recipe_overrides):
     shared("fixtures")
     monkeypatch.setenv("DARE_SHARED", str(shared("")))
-    rec = recipes.load(path)
+    rec = recipes.load(path, recipe_overrides(path))
     recipes.validate(rec, str(path))
     first = path.read_text().splitlines()[0]
     assert first.startswith("# dare run "), f"{path} must name the command that runs it on its first line"

@@ -13,14 +13,18 @@ SMOKE = ["learner.steps=2", "learner.workers=1", "learner.global_batch_size=2", 
          "run.checkpoint_every=0", "run.tensorboard=false"]
 # the smallest Monte-Carlo budget of each algorithm, to keep the smoke runs short
 BUDGET = {"dpo": ["algorithm.n_mc=1"], "vrpo": ["algorithm.n_t=1"]}
+RL = ["learner.global_batch_size=4", "rollout.group_size=2", "algorithm.num_iterations=1"]
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[str(p.relative_to(ROOT)) for p in RECIPES])
-def test_recipe_smoke_run(path, shared, tmp_path, ray_cluster, monkeypatch):
+def test_recipe_smoke_run(path, shared, tmp_path, ray_cluster, monkeypatch, recipe_overrides):
     from dare.executor.driver import run
+    from dare.plugins import registry
     monkeypatch.setenv("DARE_SHARED", str(shared("")))
-    algorithm = recipes.load(path).algorithm_name
-    rec = recipes.load(path, SMOKE + BUDGET.get(algorithm, []) + [f"run.output_dir={tmp_path}"])
+    model = recipe_overrides(path)
+    algorithm = registry().algorithms.get(recipes.load(path, model).algorithm_name)
+    extra = BUDGET.get(algorithm.name, []) + (RL if algorithm.kind == "rl" else [])
+    rec = recipes.load(path, SMOKE + extra + model + [f"run.output_dir={tmp_path}", "data.eval_limit=2"])
     run_dir = run(rec, str(path), progress=False)
     metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [m for m in metrics if m["kind"] == "train"]
