@@ -18,8 +18,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt docs/examples/dare-example-pl
 install: $(VENV)/.installed
 
 demo: install
-	rm -rf runs/demo
-	$(VENV)/bin/dare run recipes/llada/sft_gsm8k.yaml run.name=demo
+	$(VENV)/bin/dare quickstart --seed 0
 
 test: install
 	$(PY) -m pytest

@@ -1,8 +1,9 @@
 """The quickstart's synthetic task, tokenizer and model, all made in code (no downloads).
 
-Task ``sums``: "a+b" with a, b in [0, max_operand]; the answer is the decimal sum. Train
-and held-out problems are disjoint (the held-out set is drawn first from its own seed and
-its pairs are excluded from training).
+Tasks: ``sort`` (default): a string of ``length`` random digits; the answer is the digits in
+ascending order. ``sums``: "a+b" with a, b in [0, max_operand]; the answer is the sum.
+Train and held-out problems are disjoint (the held-out set is drawn first from its own
+seed and its questions are excluded from training).
 """
 from __future__ import annotations
 
@@ -17,32 +18,43 @@ CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m[
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
-def problems(split: str, size: int, max_operand: int, heldout_size: int = 128) -> list[tuple[int, int]]:
-    heldout_rng = random.Random(1)
-    heldout = []
-    seen = set()
+def _draw(task: str, rng: random.Random, max_operand: int, length: int) -> tuple[str, str]:
+    if task == "sums":
+        a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
+        return f"{a}+{b}", str(a + b)
+    if task == "sort":
+        digits = "".join(rng.choice("0123456789") for _ in range(length))
+        return digits, "".join(sorted(digits))
+    raise ValueError(f"unknown quickstart task {task!r} (sort, sums)")
+
+
+def problems(task: str, split: str, size: int, max_operand: int = 99, length: int = 6,
+             heldout_size: int = 256) -> list[tuple[str, str]]:
+    """(question, answer) pairs; the held-out set is drawn first and excluded from training."""
+    held_rng, seen, heldout = random.Random(1), set(), []
     while len(heldout) < heldout_size:
-        pair = (heldout_rng.randint(0, max_operand), heldout_rng.randint(0, max_operand))
-        if pair not in seen:
-            seen.add(pair)
-            heldout.append(pair)
+        q, a = _draw(task, held_rng, max_operand, length)
+        if q not in seen:
+            seen.add(q)
+            heldout.append((q, a))
     if split == "heldout":
         return heldout[:size]
-    rng = random.Random(0)
-    out = []
+    rng, out = random.Random(0), []
     while len(out) < size:
-        pair = (rng.randint(0, max_operand), rng.randint(0, max_operand))
-        if pair not in seen:
-            out.append(pair)
+        q, a = _draw(task, rng, max_operand, length)
+        if q not in seen:
+            out.append((q, a))
     return out
 
 
-def rows(split: str, size: int = 4000, max_operand: int = 99, limit: int | None = None) -> list[dict]:
+def rows(split: str, task: str = "sort", size: int = 20000, max_operand: int = 99, length: int = 6,
+         limit: int | None = None) -> list[dict]:
+    """Dataset ``load``: rows {"prompt": [user message], "response", "ground_truth"}."""
     if split not in ("train", "heldout"):
-        raise ValueError(f"sums: unknown split {split!r} (train, heldout)")
+        raise ValueError(f"synthetic: unknown split {split!r} (train, heldout)")
     n = min(size, limit) if limit else size
-    return [{"prompt": [{"role": "user", "content": f"{a}+{b}"}], "response": str(a + b),
-             "ground_truth": str(a + b)} for a, b in problems(split, n, max_operand)]
+    return [{"prompt": [{"role": "user", "content": q}], "response": a, "ground_truth": a}
+            for q, a in problems(task, split, n, max_operand, length)]
 
 
 def make_tokenizer(folder: Path):

@@ -14,6 +14,20 @@ SMOKE = ["learner.steps=2", "learner.workers=1", "learner.global_batch_size=2", 
 # the smallest Monte-Carlo budget of each algorithm, to keep the smoke runs short
 BUDGET = {"dpo": ["algorithm.n_mc=1"], "vrpo": ["algorithm.n_t=1"]}
 RL = ["learner.global_batch_size=4", "rollout.group_size=2", "algorithm.num_iterations=1"]
+# short generations (the samplers' own argument names)
+GENERATION = {
+    "llada": {"steps": 4, "gen_length": 8, "block_length": 8},
+    "dream": {"steps": 4, "max_new_tokens": 8},
+    "sdar": {"gen_length": 8, "block_length": 4, "denoising_steps": 4},
+}
+
+
+def short_generation(rec) -> list[str]:
+    out = []
+    for key in ("sampler_args", "eval_sampler_args"):
+        if getattr(rec.rollout, key) is not None:
+            out += [f"rollout.{key}.{k}={v}" for k, v in GENERATION[rec.model.family].items()]
+    return out
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[str(p.relative_to(ROOT)) for p in RECIPES])
@@ -24,7 +38,8 @@ def test_recipe_smoke_run(path, shared, tmp_path, ray_cluster, monkeypatch, reci
     model = recipe_overrides(path)
     algorithm = registry().algorithms.get(recipes.load(path, model).algorithm_name)
     extra = BUDGET.get(algorithm.name, []) + (RL if algorithm.kind == "rl" else [])
-    rec = recipes.load(path, SMOKE + extra + model + [f"run.output_dir={tmp_path}", "data.eval_limit=2"])
+    overrides = SMOKE + extra + model + [f"run.output_dir={tmp_path}", "data.eval_limit=2"]
+    rec = recipes.load(path, overrides + short_generation(recipes.load(path, overrides)))
     run_dir = run(rec, str(path), progress=False)
     metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [m for m in metrics if m["kind"] == "train"]
