@@ -34,17 +34,31 @@ from dare.rewards import score
 EVAL_SEED = 1234
 
 
-def connect_ray(recipe: Recipe) -> None:
-    if ray.is_initialized():
-        return
-    address = recipe.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-        return
-    need = (recipe.learner.workers * recipe.learner.num_cpus + recipe.rollout.workers * recipe.rollout.num_cpus
-            + recipe.evaluator.workers * recipe.evaluator.num_cpus + 1)
-    ray.init(num_cpus=recipe.ray.num_cpus or max(int(need + 0.999), os.cpu_count() or 1),
-             include_dashboard=False, logging_level="WARNING")
+REWARD_CPUS = 0.25  # what one reward task needs (dare.rewards)
+
+
+def cpus_needed(recipe: Recipe) -> float:
+    """CPUs the recipe's actors reserve, plus room for one reward task."""
+    return (recipe.learner.workers * recipe.learner.num_cpus + recipe.rollout.workers * recipe.rollout.num_cpus
+            + recipe.evaluator.workers * recipe.evaluator.num_cpus + REWARD_CPUS)
+
+
+def connect_ray(recipe: Recipe, source: str) -> None:
+    """Start (or join) Ray, and refuse a recipe whose workers cannot all be placed: Ray
+    would otherwise wait forever for the missing resources."""
+    if not ray.is_initialized():
+        address = recipe.ray.address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address)
+        else:
+            ray.init(num_cpus=recipe.ray.num_cpus or max(int(cpus_needed(recipe) + 0.999), os.cpu_count() or 1),
+                     include_dashboard=False, logging_level="WARNING")
+    have = ray.cluster_resources().get("CPU", 0.0)
+    if cpus_needed(recipe) > have + 1e-9:
+        raise RecipeError(
+            f"{source}: the workers need {cpus_needed(recipe):g} CPUs (learner, rollout and evaluator "
+            f"workers x num_cpus, plus {REWARD_CPUS} for reward tasks) but the Ray cluster has {have:g}; "
+            "lower the *.num_cpus / *.workers settings or set ray.num_cpus")
 
 
 @dataclass
@@ -110,7 +124,7 @@ def run(recipe: Recipe, source: str = "<recipe>", manager=None, progress: bool =
     eval_rows = dataset.load(recipe.data.eval_split, limit=recipe.data.eval_limit, **recipe.data.options) \
         if recipe.data.eval_split is not None else []
 
-    connect_ray(recipe)
+    connect_ray(recipe, source)
     cfg = recipe.model_dump(mode="json")
     lc, rc, ec = recipe.learner, recipe.rollout, recipe.evaluator
     state.learners = [LearnerWorker.options(num_cpus=lc.num_cpus, num_gpus=lc.num_gpus).remote(cfg, rank, lc.workers)
