@@ -236,3 +236,17 @@ def map_row_chunks(batch, rows: int, fn) -> torch.Tensor:
     if rows <= 0 or rows >= n:
         return fn(batch)
     return torch.cat([fn(batch.slice(start, min(start + rows, n))) for start in range(0, n, rows)], dim=0)
+
+
+def check_grpo_options(config) -> None:
+    """Validate the options every GRPO-style config shares (d1, coupled_grpo)."""
+    if config.num_iterations < 1:
+        raise ValueError(f"num_iterations must be >= 1, got {config.num_iterations}")
+    if config.epsilon < 0 or (config.epsilon_high is not None and config.epsilon_high < 0):
+        raise ValueError("epsilon and epsilon_high must be >= 0")
+    if config.beta < 0:
+        raise ValueError(f"beta must be >= 0, got {config.beta}")
+    if config.normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {', '.join(NORMALIZATIONS)}, got {config.normalization!r}")
+    if config.prepare_batch_size < 0:
+        raise ValueError(f"prepare_batch_size must be >= 0, got {config.prepare_batch_size}")

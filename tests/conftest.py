@@ -51,3 +51,16 @@ def recipe_overrides(quickstart_model):
     """``recipe_overrides(path)``: recipes whose model is made by a command (the quickstart)
     get a model built in code."""
     return lambda path: [f"model.path={quickstart_model}"] if "quickstart" in Path(path).parts else []
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """The tests' tensors are tiny: one intra-op thread avoids OpenMP barriers, which cost
+    ~10x on a busy 2-core machine (e.g. while Ray workers run beside the tests). Ray
+    workers set their own thread counts from the recipe."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

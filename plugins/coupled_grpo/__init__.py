@@ -37,7 +37,7 @@ import torch
 import dare
 from dare.protocol import RolloutBatch
 from dare.registry import Algorithm, ModelFamily
-from dare.rl import (NORMALIZATIONS, ensure_token_norm, grpo_objective, map_row_chunks,
+from dare.rl import (check_grpo_options, ensure_token_norm, grpo_objective, map_row_chunks,
                      model_config, row_token_norm)
 
 from .loss import coupled_combine, coupled_logps, coupled_masks, coupled_views
@@ -70,18 +70,9 @@ class CoupledGRPOConfig:
     prepare_batch_size: int = 0
 
     def __post_init__(self):
-        if self.num_iterations < 1:
-            raise ValueError(f"num_iterations must be >= 1, got {self.num_iterations}")
+        check_grpo_options(self)
         if not 0.0 < self.t_min <= self.t_max < 1.0:
             raise ValueError(f"need 0 < t_min <= t_max < 1, got t_min={self.t_min}, t_max={self.t_max}")
-        if self.epsilon < 0 or (self.epsilon_high is not None and self.epsilon_high < 0):
-            raise ValueError("epsilon and epsilon_high must be >= 0")
-        if self.beta < 0:
-            raise ValueError(f"beta must be >= 0, got {self.beta}")
-        if self.normalization not in NORMALIZATIONS:
-            raise ValueError(f"normalization must be one of {', '.join(NORMALIZATIONS)}, got {self.normalization!r}")
-        if self.prepare_batch_size < 0:
-            raise ValueError(f"prepare_batch_size must be >= 0, got {self.prepare_batch_size}")
 
 
 

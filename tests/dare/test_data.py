@@ -1,4 +1,3 @@
-import torch
 
 from dare.data import DataOrder, Encoded, collate, left_pad, row_seed
 

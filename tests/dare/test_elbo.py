@@ -15,15 +15,6 @@ V = 32
 MASK = V - 1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP barriers on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model(seed=0):
     torch.manual_seed(seed)
     return LLaDAModelLM(tiny_config(vocab_size=V)).eval()

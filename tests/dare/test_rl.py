@@ -14,14 +14,6 @@ from dare.rl import (clipped_surrogate, ensure_token_norm, group_advantages, grp
 LN2 = math.log(2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # --- advantages --------------------------------------------------------------------------------
 
 

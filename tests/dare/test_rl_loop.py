@@ -8,7 +8,7 @@ import torch
 import dare
 from dare import recipe as recipes
 from dare.data import encode_prompt, left_pad
-from dare.executor.rollouts import completion_mask, merge_generations, rollout_batch
+from dare.executor.rollouts import merge_generations, rollout_batch
 from dare.plugins import PluginManager
 from dare.registry import Reward
 from dare.rewards import score

@@ -27,15 +27,6 @@ from dare_plugins.llada.modeling import LLaDAModelLM, tiny_config
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP barriers on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # --- a hand-checkable model: fixed logits, no dependence on the input ---------------------
 
 

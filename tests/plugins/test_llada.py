@@ -23,16 +23,6 @@ PAD = 126081
 _MODELS: dict = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: one intra-op thread avoids OpenMP barriers, which cost ~10x
-    on a busy machine (e.g. while Ray workers run beside the tests)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def fixture_dir(shared):
     return shared("fixtures", "llada-tiny")

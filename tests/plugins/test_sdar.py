@@ -37,15 +37,6 @@ def tiny_model(seed: int = 0, **overrides) -> SDARForCausalLM:
 _LOADED: dict = {}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: one intra-op thread is much faster than several on a busy CI machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def fixture_model(shared):
     """(folder, float32 model) of the sdar-tiny fixture, loaded once per test session."""

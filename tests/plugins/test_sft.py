@@ -18,15 +18,6 @@ from dare_plugins.sft.loss import forward_noise, masked_diffusion_loss, row_norm
 LN2, LN3 = math.log(2), math.log(3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one intra-op thread is much faster than several on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def family(name):
     return registry().families.get(name)
 

@@ -18,14 +18,6 @@ LN2, LN3 = math.log(2), math.log(3)
 VOCAB = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def family(name):
     return registry().families.get(name)
 

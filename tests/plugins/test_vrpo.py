@@ -20,15 +20,6 @@ from dare_plugins.vrpo import VRPOConfig, vrpo, vrpo_masks
 V = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP barriers on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class FixedLogits(torch.nn.Module):
     """Logits (B, L, 3) equal to ``row`` at every position (vocab 3, token 2 = mask)."""
 

@@ -12,7 +12,7 @@ SMOKE = ["learner.steps=2", "learner.workers=1", "learner.global_batch_size=2", 
          "data.limit=16", "data.eval_limit=2", "evaluator.every=2", "evaluator.num_samples=1",
          "run.checkpoint_every=0", "run.tensorboard=false"]
 # the smallest Monte-Carlo budget of each algorithm, to keep the smoke runs short
-BUDGET = {"dpo": ["algorithm.n_mc=1"], "vrpo": ["algorithm.n_t=1"]}
+BUDGET = {"dpo": ["algorithm.n_mc=1"], "vrpo": ["algorithm.n_t=1"], "spg": ["algorithm.block_length=4"]}
 RL = ["learner.global_batch_size=4", "rollout.group_size=2", "algorithm.num_iterations=1"]
 # short generations (the samplers' own argument names)
 GENERATION = {
