@@ -14,6 +14,7 @@ from dare.protocol import ModelOutput, RolloutBatch
 from dare.recipe import RecipeError, parse_options
 from dare_plugins.coupled_grpo import (CoupledGRPOConfig, coupled_combine, coupled_grpo_loss, coupled_grpo_prepare,
                                        coupled_logps, coupled_masks, coupled_views)
+from rl_helpers import rollout
 
 LN2, LN3 = math.log(2), math.log(3)
 VOCAB = 32
@@ -21,15 +22,6 @@ VOCAB = 32
 
 def family(name):
     return registry().families.get(name)
-
-
-def rollout(ids, completion_width, advantages, completion_mask=None, attention_mask=None, seeds=None):
-    B, L = ids.shape
-    cm = torch.ones(B, completion_width, dtype=torch.bool) if completion_mask is None else completion_mask
-    am = torch.ones(B, L, dtype=torch.long) if attention_mask is None else attention_mask
-    seeds = torch.arange(B) + 11 if seeds is None else seeds
-    return RolloutBatch(ids, am, cm, torch.as_tensor(advantages, dtype=torch.float32), torch.zeros(B),
-                        torch.zeros(B, dtype=torch.long), seeds, torch.zeros(B, completion_width, dtype=torch.long))
 
 
 # --- registration and options ----------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from dare.plugins import PluginManager, registry
 from dare.protocol import ModelOutput, RolloutBatch
 from dare.recipe import RecipeError, parse_options
 from dare_plugins.d1 import D1Config, d1_logps, d1_loss, d1_noise, d1_prepare
+from rl_helpers import rollout
 
 LN2, LN3 = math.log(2), math.log(3)
 VOCAB = 32
@@ -32,15 +33,6 @@ class TableModel(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, **kw):
         return ModelOutput(logits=self.table[: input_ids.shape[0]].clone())
-
-
-def rollout(ids, completion_width, advantages, completion_mask=None, attention_mask=None, seeds=None):
-    B, L = ids.shape
-    cm = torch.ones(B, completion_width, dtype=torch.bool) if completion_mask is None else completion_mask
-    am = torch.ones(B, L, dtype=torch.long) if attention_mask is None else attention_mask
-    seeds = torch.arange(B) + 11 if seeds is None else seeds
-    return RolloutBatch(ids, am, cm, torch.as_tensor(advantages, dtype=torch.float32), torch.zeros(B),
-                        torch.zeros(B, dtype=torch.long), seeds, torch.zeros(B, completion_width, dtype=torch.long))
 
 
 # --- registration and options ------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from dare.protocol import ModelOutput, RolloutBatch
 from dare.recipe import RecipeError, parse_options
 from dare_plugins.spg import (SPGConfig, spg_bounds, spg_logps, spg_loss, spg_masks, spg_prepare,
                               spg_sequence_logp, validate_recipe)
+from rl_helpers import rollout
 
 LN2, LN3 = math.log(2), math.log(3)
 VOCAB = 32
@@ -20,15 +21,6 @@ VOCAB = 32
 
 def family(name):
     return registry().families.get(name)
-
-
-def rollout(ids, completion_width, advantages, completion_mask=None, attention_mask=None, seeds=None):
-    B, L = ids.shape
-    cm = torch.ones(B, completion_width, dtype=torch.bool) if completion_mask is None else completion_mask
-    am = torch.ones(B, L, dtype=torch.long) if attention_mask is None else attention_mask
-    seeds = torch.arange(B) + 11 if seeds is None else seeds
-    return RolloutBatch(ids, am, cm, torch.as_tensor(advantages, dtype=torch.float32), torch.zeros(B),
-                        torch.zeros(B, dtype=torch.long), seeds, torch.zeros(B, completion_width, dtype=torch.long))
 
 
 # --- registration and options ------------------------------------------------------------------------------
