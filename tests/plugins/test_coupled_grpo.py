@@ -10,7 +10,7 @@ import torch
 
 import dare_plugins.coupled_grpo as coupled_plugin
 from dare.plugins import PluginManager, registry
-from dare.protocol import ModelOutput, RolloutBatch
+from dare.protocol import ModelOutput
 from dare.recipe import RecipeError, parse_options
 from dare_plugins.coupled_grpo import (CoupledGRPOConfig, coupled_combine, coupled_grpo_loss, coupled_grpo_prepare,
                                        coupled_logps, coupled_masks, coupled_views)

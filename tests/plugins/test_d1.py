@@ -9,7 +9,7 @@ import torch
 
 import dare_plugins.d1 as d1_plugin
 from dare.plugins import PluginManager, registry
-from dare.protocol import ModelOutput, RolloutBatch
+from dare.protocol import ModelOutput
 from dare.recipe import RecipeError, parse_options
 from dare_plugins.d1 import D1Config, d1_logps, d1_loss, d1_noise, d1_prepare
 from rl_helpers import rollout

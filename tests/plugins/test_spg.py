@@ -9,7 +9,7 @@ import torch
 
 import dare_plugins.spg as spg_plugin
 from dare.plugins import PluginManager, registry
-from dare.protocol import ModelOutput, RolloutBatch
+from dare.protocol import ModelOutput
 from dare.recipe import RecipeError, parse_options
 from dare_plugins.spg import (SPGConfig, spg_bounds, spg_logps, spg_loss, spg_masks, spg_prepare,
                               spg_sequence_logp, validate_recipe)
