@@ -41,6 +41,19 @@ def register_datasets(register):
 
 
 @hookspec
+def register_benchmarks(register):
+    """Register evaluation benchmarks: call ``register(dare.registry.Benchmark(...))``."""
+
+
+@hookspec
+def register_rollout_engines(register):
+    """Register generation backends for rollout/evaluator workers: call
+    ``register(dare.registry.RolloutEngine(...))``. dare's own is ``torch`` (the samplers
+    run in the worker's process); an external engine (SGLang, vLLM, lmdeploy) is a package
+    with an entry point in the ``dare`` group that registers one."""
+
+
+@hookspec
 def register_commands(subparsers):
     """Add ``dare`` sub-commands: ``subparsers`` is argparse's; set ``func=callable(args)``
     with ``parser.set_defaults(func=...)`` on the parser you add."""

@@ -64,6 +64,8 @@ class PluginManager:
             "register_algorithms": self.registry.algorithms,
             "register_rewards": self.registry.rewards,
             "register_datasets": self.registry.datasets,
+            "register_benchmarks": self.registry.benchmarks,
+            "register_rollout_engines": self.registry.engines,
         }
         for hook_name, table in tables.items():
             for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
@@ -90,7 +92,8 @@ class PluginManager:
         for name, plugin in self.pm.list_name_plugin():
             out[name] = PluginInfo(name, self.versions.get(name, "?"))
         tables = [self.registry.families, self.registry.samplers, self.registry.algorithms,
-                  self.registry.rewards, self.registry.datasets]
+                  self.registry.rewards, self.registry.datasets, self.registry.benchmarks,
+                  self.registry.engines]
         for table in tables:
             for entry_name, plugin in table.owner.items():
                 info = out.setdefault(plugin, PluginInfo(plugin, self.versions.get(plugin, "?")))

@@ -152,6 +152,44 @@ class Dataset:
     description: str = ""
 
 
+@dataclass(frozen=True)
+class Benchmark:
+    """An evaluation benchmark: a fixed set of problems and a scorer.
+
+    load: ``load(limit=None, few_shot=0, **options) -> list[dict]``; every row has ``id``
+        (stable across calls), ``prompt`` (a chat message list or a string, few-shot
+        examples already included) and whatever the scorer needs (e.g. ``ground_truth``).
+        ``limit`` keeps the first N problems (quick runs); ``few_shot`` prepends that many
+        solved examples.
+    score: ``score(completion: str, row: dict) -> (score, prediction)``: a float in [0, 1]
+        and the answer extracted from the completion (None when none was found), so
+        predictions can be checked by hand.
+    """
+
+    name: str
+    load: Callable[..., list[dict]]
+    score: Callable[[str, dict], tuple[float, str | None]]
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class RolloutEngine:
+    """A generation backend for rollout and evaluator workers.
+
+    create: ``create(model, options: dict) -> engine``; ``model`` is the worker's loaded
+        dare model (an external engine may ignore it and load ``model.hf_config`` /
+        ``options["model_path"]`` itself). The engine object provides
+        ``generate(prompt_ids, attention_mask, sampler, sampler_args, seed) ->
+        dare.protocol.GenerationOutput`` (``sampler`` a registered sampler name or None for
+        the family default, ``seed`` an int or None) and
+        ``update_weights(state_dict, version)`` (full weights under checkpoint names).
+    """
+
+    name: str
+    create: Callable[..., Any]
+    description: str = ""
+
+
 T = TypeVar("T")
 
 
@@ -202,6 +240,8 @@ class Registry:
     algorithms: Table[Algorithm] = field(default_factory=lambda: Table("algorithm"))
     rewards: Table[Reward] = field(default_factory=lambda: Table("reward"))
     datasets: Table[Dataset] = field(default_factory=lambda: Table("dataset"))
+    benchmarks: Table[Benchmark] = field(default_factory=lambda: Table("benchmark"))
+    engines: Table[RolloutEngine] = field(default_factory=lambda: Table("rollout engine"))
 
     def family_for_model_type(self, model_type: str) -> ModelFamily:
         for _, fam in self.families.items():
