@@ -10,10 +10,14 @@ taken in file order, keeping solutions of at most ``--max-chars`` characters, un
     {"prompt": [chat messages], "chosen": solution, "rejected": corrupted solution,
      "ground_truth": "N"}
 
-where the rejected solution is the correct one with its final ``#### N`` and its last computed
-number (``<<expr=V>>V``) replaced by wrong values (an offset drawn from a generator seeded with
-the row index), so the pair differs only where the arithmetic goes wrong. Prints a summary
-table and writes the file; running it twice gives identical bytes.
+where the rejected solution is the correct one with its last computed number
+(``<<expr=V>>V``) replaced by a wrong value (an offset drawn from a generator seeded with the row
+index) and its final line ``#### N`` replaced by a wrong answer in free text (``The answer is
+M.``), which the GSM8K answer extractors do not accept. So every pair prefers the correct,
+well-formatted solution over a wrong and badly formatted one: the format part is the same in
+every pair, which is what a small model can learn in a few steps and carry over to held-out
+pairs; the arithmetic part is problem-specific. Prints a summary table and writes the file;
+running it twice gives identical bytes.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 GSM8K_HELDOUT = 256  # the gsm8k dataset plugin's held-out tail
 FINAL = re.compile(r"####\s*(-?[\d,]*\.?\d+)\s*$")
 CALC = re.compile(r"<<([^<>=]*)=(-?[\d,]*\.?\d+)>>(-?[\d,]*\.?\d+)")
+REJECTED_FINAL = "The answer is {answer}."
 NUMBER = re.compile(r"(?<![\w.,])\d[\d,]*(?:\.\d+)?(?![\w]|[.,]\d)")
 
 
@@ -60,12 +65,13 @@ def wrong(text: str, rng: random.Random) -> str:
 
 
 def corrupt(solution: str, rng: random.Random) -> str | None:
-    """The solution with a wrong final answer and a wrong last computed number.
+    """The solution with a wrong last computed number and a wrong free-text final answer.
 
     The last computed number is the result of the last ``<<expr=V>>V`` annotation (both
     copies), or else the last number of the reasoning equal to the final answer. When it
     equals the final answer both get the same wrong value, so the rejected solution stays
-    self-consistent and only its arithmetic is wrong. None if there is no ``#### N`` line.
+    self-consistent and only its arithmetic is wrong. The final line becomes
+    ``REJECTED_FINAL``. None if there is no ``#### N`` line.
     """
     final = FINAL.search(solution)
     if final is None:
@@ -85,7 +91,7 @@ def corrupt(solution: str, rng: random.Random) -> str | None:
         if same:
             last = same[-1]
             body = body[: last.start()] + _format(_number(bad_answer), last.group(0)) + body[last.end():]
-    return body + solution[final.start(): final.start(1)] + bad_answer + solution[final.end(1):]
+    return body + REJECTED_FINAL.format(answer=bad_answer)
 
 
 def make_pairs(source: Path, pairs: int, max_chars: int, seed: int) -> list[dict]:

@@ -64,7 +64,6 @@ def sampler_kwargs(fn, given: dict) -> dict:
 
 def cmd_generate(args) -> int:
     import torch
-    import yaml
 
     import dare
     from dare.data import encode_prompt, left_pad
@@ -79,12 +78,7 @@ def cmd_generate(args) -> int:
     prompts = [encode_prompt(tok, p) if not args.raw else tok(p, add_special_tokens=False).input_ids
                for p in args.prompt]
     batch = left_pad(prompts, pad)
-    given = {}
-    for item in args.set or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set {item!r} is not of the form KEY=VALUE")
-        given[key.replace("-", "_")] = yaml.safe_load(value)
+    given = parse_set(args.set)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     out = dare.generate(model, batch.input_ids, attention_mask=batch.attention_mask, sampler=sampler.name,
@@ -117,6 +111,67 @@ def cmd_export(args) -> int:
     dare.save_model(out, args.out, tokenizer_from=ckpt)
     print(f"merged {adapter} into {args.out}")
     return 0
+
+
+def cmd_eval(args) -> int:
+    import os
+    from pathlib import Path
+
+    import ray
+
+    from dare.checkpoint import read_config
+    from dare.evaluation import resolve
+    from dare.executor.actors import EvaluatorWorker
+    from dare.executor.benchmarks import format_table, run_benchmarks
+    from dare.plugins import registry
+    from dare.recipe import BenchmarkSpec, RecipeError
+
+    reg = registry()
+    checkpoints = resolve(args.model, args.all_checkpoints)
+    names = [n.strip() for n in args.benchmarks.split(",") if n.strip()]
+    for name in names:
+        if name not in reg.benchmarks:
+            raise RecipeError(f"--benchmarks: {reg.benchmarks.unknown_message(name)}")
+    options = parse_set(args.option)
+    specs = [BenchmarkSpec(name=n, limit=args.limit, few_shot=args.few_shot, options=options) for n in names]
+    config = read_config(checkpoints[0].path)
+    family = reg.family_for_model_type(config["model_type"])
+    sampler = reg.samplers.get(args.sampler or family.default_sampler)
+    sampler_args = sampler_kwargs(sampler.fn, parse_set(args.set))
+    run_root = Path(args.model).resolve()
+    out = Path(args.output) if args.output else (run_root if (run_root / "checkpoints").is_dir()
+                                                  else Path("eval") / checkpoints[0].run)
+    if not ray.is_initialized():
+        ray.init(num_cpus=max(int(args.workers * args.num_cpus + 0.999), os.cpu_count() or 1),
+                 include_dashboard=False, logging_level="WARNING")
+    records = []
+    for ckpt in checkpoints:
+        model = {"family": family.name, "path": str(ckpt.path), "dtype": args.dtype}
+        rollout = {"engine": args.engine}
+        workers = [EvaluatorWorker.options(num_cpus=args.num_cpus).remote(None, model, rollout, args.num_cpus)
+                   for _ in range(args.workers)]
+        try:
+            records += run_benchmarks(workers, reg, specs, sampler.name, sampler_args, args.batch_size, args.seed,
+                                      ckpt, out)
+        finally:
+            for w in workers:
+                ray.kill(w)
+    print(format_table(records))
+    print(f"results: {out / 'eval_results.jsonl'}; predictions: {out / 'predictions'}")
+    return 0
+
+
+def parse_set(items: list[str] | None) -> dict:
+    """``KEY=VALUE`` strings -> dict, values parsed as YAML (numbers, booleans, lists)."""
+    import yaml
+
+    given = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"{item!r} is not of the form KEY=VALUE")
+        given[key.replace("-", "_")] = yaml.safe_load(value)
+    return given
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,6 +207,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser(
+        "eval", help="evaluate a model or run on benchmarks",
+        description="Run benchmarks on a model folder, a run's checkpoint or a run directory (its latest "
+                    "checkpoint; --all-checkpoints: every one), sharded over evaluator workers on Ray. Writes "
+                    "eval_results.jsonl (read by `dare leaderboard`) and per-problem predictions.")
+    p.add_argument("--model", required=True, help="model folder, checkpoint folder or run directory")
+    p.add_argument("--benchmarks", required=True, help="comma-separated benchmark names (see `dare plugins`)")
+    p.add_argument("--sampler", default=None, help="sampler name (default: the family's)")
+    p.add_argument("--steps", type=int, dest="steps")
+    p.add_argument("--gen-length", type=int, dest="gen_length")
+    p.add_argument("--block-length", type=int, dest="block_length")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other sampler argument")
+    p.add_argument("--limit", type=int, default=None, help="first N problems of each benchmark")
+    p.add_argument("--few-shot", type=int, default=0, help="solved examples prepended to each prompt")
+    p.add_argument("--option", action="append", metavar="KEY=VALUE", help="benchmark load() option")
+    p.add_argument("--workers", type=int, default=1, help="evaluator workers (Ray actors)")
+    p.add_argument("--num-cpus", type=float, default=1, help="CPUs per worker")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
+    p.add_argument("--engine", default="torch", help="rollout engine")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--all-checkpoints", action="store_true", help="every checkpoint of a run directory")
+    p.add_argument("--output", default=None,
+                   help="results folder (default: the run directory, else ./eval/<model folder name>)")
+    p.set_defaults(func=cmd_eval)
+
     p = sub.add_parser("export", help="merge a LoRA checkpoint into a full HF checkpoint")
     p.add_argument("checkpoint", help="a run checkpoint folder holding adapter/")
     p.add_argument("out", help="output folder")
@@ -173,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    if args.command == "generate":  # map the CLI's generic flags to the sampler's names
+    if args.command in ("generate", "eval"):  # map the CLI's generic flags to the sampler's names
         args.set = (args.set or []) + [f"{k}={getattr(args, k)}" for k in ("steps", "gen_length", "block_length",
                                                                          "temperature") if getattr(args, k) is not None]
     try:

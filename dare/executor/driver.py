@@ -85,6 +85,26 @@ class Run:
         ray.get(self.learners[0].save_checkpoint.remote(str(folder), step))
         self.run_dir.mark_latest(folder, self.recipe.run.keep_checkpoints)
 
+    def run_benchmarks(self, step: int) -> None:
+        """The recipe's benchmarks on the evaluators' (already synced) weights: metrics
+        ``bench_<name>`` in metrics.jsonl, records in the run's eval_results.jsonl."""
+        ec, rc = self.recipe.evaluator, self.recipe.rollout
+        if not ec.benchmarks or not self.evaluators:
+            return
+        from dare.evaluation import Checkpoint
+        from dare.executor.benchmarks import run_benchmarks
+
+        sampler = ec.sampler or rc.sampler or self.manager.registry.families.get(self.recipe.model.family).default_sampler
+        args = ec.sampler_args if ec.sampler_args is not None else (
+            rc.eval_sampler_args if rc.eval_sampler_args is not None else rc.sampler_args)
+        recipe_file = self.run_dir.root / "recipe.yaml"
+        where = Checkpoint(self.run_dir.root, self.recipe.run.name, step, str(recipe_file), self.recipe.model.path)
+        records = run_benchmarks(self.evaluators, self.manager.registry, ec.benchmarks, sampler, dict(args),
+                                 ec.batch_size, EVAL_SEED, where, self.run_dir.root)
+        metrics = {f"bench_{r['benchmark']}": r["score"] for r in records}
+        self.run_dir.log("eval", step, metrics)
+        tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
     def end_of_step(self, step: int, metrics: dict, bar, evaluate) -> bool:
         """Log, hooks, evaluation, checkpoints; returns True when the run must stop."""
         self.run_dir.log("train", step, metrics)
@@ -93,6 +113,7 @@ class Run:
         last = step == self.recipe.learner.steps
         if step % self.recipe.evaluator.every == 0 or last:
             evaluate(step)
+            self.run_benchmarks(step)
         every = self.recipe.run.checkpoint_every
         if (every and step % every == 0) or last or self.stop_signal is not None:
             self.checkpoint(step)
@@ -130,7 +151,7 @@ def run(recipe: Recipe, source: str = "<recipe>", manager=None, progress: bool =
     state.learners = [LearnerWorker.options(num_cpus=lc.num_cpus, num_gpus=lc.num_gpus).remote(cfg, rank, lc.workers)
                       for rank in range(lc.workers)]
     state.evaluators = [EvaluatorWorker.options(num_cpus=ec.num_cpus, num_gpus=ec.num_gpus).remote(cfg)
-                        for _ in range(ec.workers if eval_rows else 0)]
+                        for _ in range(ec.workers if (eval_rows or ec.benchmarks) else 0)]
     want_rollouts = rc.workers if (rl or (eval_rows and ec.num_samples)) else 0
     state.rollouts = [RolloutWorker.options(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus).remote(cfg)
                       for _ in range(want_rollouts)]
@@ -188,6 +209,7 @@ def supervised_loop(state: Run, train_rows: list[dict], eval_rows: list[dict], s
 
     if start == 0:
         evaluate(0)
+        state.run_benchmarks(0)
     lc = recipe.learner
     bar = tqdm(range(start, lc.steps), initial=start, total=lc.steps, desc=recipe.run.name,
                disable=not progress, dynamic_ncols=True)
@@ -257,6 +279,7 @@ def rl_loop(state: Run, train_rows: list[dict], eval_rows: list[dict], start: in
     if start == 0:
         state.sync_weights(state.rollouts)
         evaluate(0)
+        state.run_benchmarks(0)
     else:
         state.sync_weights(state.rollouts)
     bar = tqdm(range(start, lc.steps), initial=start, total=lc.steps, desc=recipe.run.name,

@@ -22,7 +22,7 @@ from dare.lora import apply_lora, base_of, is_peft, load_adapter, merged_state_d
 from dare.plugins import default_manager
 from dare.protocol import (EvalResult, GenerationOutput, PromptBatch, RolloutBatch, StepResult, TokenBatch,
                            WeightsUpdate)
-from dare.recipe import Recipe, parse_options
+from dare.recipe import ModelConfig, Recipe, RolloutConfig, parse_options
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -32,15 +32,28 @@ class _Role:
 
     def __init__(self, recipe: dict, num_threads: float):
         self.recipe = Recipe.model_validate(recipe)
-        torch.set_num_threads(max(1, int(num_threads)))
-        reg = default_manager().registry
-        self.family = reg.families.get(self.recipe.model.family)
-        self.algorithm = reg.algorithms.get(self.recipe.algorithm_name)
+        self._setup(self.recipe.model, self.recipe.rollout, num_threads)
+        self.algorithm = default_manager().registry.algorithms.get(self.recipe.algorithm_name)
         self.algo_config = parse_options(self.algorithm.config_type, self.recipe.algorithm_options(), "algorithm")
-        self.model = load_model(self.recipe.model.path, DTYPES[self.recipe.model.dtype])
-        self.special = self.family.special_tokens(self.model.hf_config)
+
+    def _setup(self, model_cfg: ModelConfig, rollout_cfg: RolloutConfig, num_threads: float,
+               model: torch.nn.Module | None = None) -> None:
+        torch.set_num_threads(max(1, int(num_threads)))
+        self.model_cfg, self.rollout_cfg = model_cfg, rollout_cfg
+        self.family = default_manager().registry.families.get(model_cfg.family)
+        self.model = model if model is not None else load_model(model_cfg.path, DTYPES[model_cfg.dtype])
+        self.special = self.family.special_tokens(base_of(self.model).hf_config)
         self.version = 0
         self._frozen = None  # reference copy when the algorithm needs one and LoRA is off
+        self._engine = None
+
+    def engine(self):
+        """The rollout engine (``rollout.engine``), created on first use."""
+        if self._engine is None:
+            entry = default_manager().registry.engines.get(self.rollout_cfg.engine)
+            self._engine = entry.create(self.model, dict(self.rollout_cfg.engine_options,
+                                                         model_path=self.model_cfg.path))
+        return self._engine
 
     @property
     def units_per_micro(self) -> int:
@@ -52,6 +65,8 @@ class _Role:
 
     def set_weights(self, update: WeightsUpdate) -> int:
         self.model.load_state_dict(update.state_dict, strict=True)
+        if self._engine is not None and getattr(self._engine, "model", None) is not self.model:
+            self._engine.update_weights(update.state_dict, update.version)
         self.version = update.version
         return self.version
 
@@ -62,21 +77,11 @@ class _Role:
     @torch.no_grad()
     def generate(self, prompts: PromptBatch, seed: int | None = None, sampler_args: dict | None = None
                  ) -> GenerationOutput:
-        """Sample completions with the recipe's sampler. ``seed`` seeds a torch.Generator
-        (when the sampler takes one), so every call draws fresh but reproducible samples."""
-        self.model.eval()
-        cfg = self.recipe.rollout
+        """Sample completions with the recipe's sampler through the rollout engine. ``seed``
+        makes every call draw fresh but reproducible samples."""
+        cfg = self.rollout_cfg
         kwargs = dict(cfg.sampler_args if sampler_args is None else sampler_args)
-        if seed is not None:
-            import inspect
-            from dare.plugins import registry as _registry
-            fn = _registry().samplers.get(cfg.sampler or self.family.default_sampler).fn
-            if "generator" in inspect.signature(fn).parameters:
-                kwargs["generator"] = torch.Generator().manual_seed(int(seed))
-            else:
-                torch.manual_seed(int(seed))
-        return generate(self.model, prompts.input_ids, attention_mask=prompts.attention_mask,
-                        sampler=cfg.sampler, **kwargs)
+        return self.engine().generate(prompts.input_ids, prompts.attention_mask, cfg.sampler, kwargs, seed)
 
 
 class Learner(_Role):
@@ -269,10 +274,26 @@ class Learner(_Role):
 
 
 class Evaluator(_Role):
-    """Held-out loss of the current weights, with fixed noise so steps are comparable."""
+    """Held-out loss of the current weights (fixed noise, so steps are comparable) and
+    benchmarks (generation with a sampler through the rollout engine, then scoring).
 
-    def __init__(self, recipe: dict):
-        super().__init__(recipe, Recipe.model_validate(recipe).evaluator.num_cpus)
+    Built from a training recipe, or standalone (``dare eval``) from a ``model`` section,
+    an optional ``rollout`` section (engine) and a CPU count; standalone evaluators have no
+    algorithm, so only ``run_benchmark`` applies.
+    """
+
+    def __init__(self, recipe: dict | None = None, model: dict | None = None, rollout: dict | None = None,
+                 num_cpus: float = 1):
+        if recipe is not None:
+            super().__init__(recipe, Recipe.model_validate(recipe).evaluator.num_cpus)
+        else:
+            from dare.evaluation import load_for_eval
+
+            self.recipe, self.algorithm, self.algo_config = None, None, None
+            model_cfg = ModelConfig.model_validate(model)
+            self._setup(model_cfg, RolloutConfig.model_validate(rollout or {}), num_cpus,
+                        load_for_eval(model_cfg.path, DTYPES[model_cfg.dtype]))
+        self._tokenizer = None
 
     @torch.no_grad()
     def evaluate(self, batch: TokenBatch, step: int) -> EvalResult:
@@ -288,6 +309,20 @@ class Evaluator(_Role):
                 sums[f"heldout_{k}"] = sums.get(f"heldout_{k}", 0.0) + v
         units = len(batch) // rpu
         return EvalResult(step, {k: v / units for k, v in sums.items()})
+
+    @torch.no_grad()
+    def run_benchmark(self, name: str, rows: list[dict], sampler: str | None, sampler_args: dict,
+                      batch_size: int, seed: int) -> list[dict]:
+        """Generate and score this worker's shard of benchmark ``name``; one prediction per row
+        (see ``dare.evaluation.generate_and_score``)."""
+        from dare.checkpoint import load_tokenizer
+        from dare.evaluation import generate_and_score
+
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.model_cfg.path)
+        benchmark = default_manager().registry.benchmarks.get(name)
+        return generate_and_score(self.engine(), self._tokenizer, self.special, benchmark, rows, sampler,
+                                  sampler_args, batch_size, seed)
 
 
 class Rollout(_Role):

@@ -1,7 +1,7 @@
 """The quickstart: SFT then diffu-GRPO on a synthetic task, on CPU, with no downloads.
 
 Registers the ``synthetic`` dataset (train / heldout; tasks ``sort`` and ``sums``), the ``exact_match`` and ``digit_match``
-rewards, and the ``dare quickstart`` command, which
+rewards, the ``synthetic`` benchmark (the held-out problems, exact match) and the ``dare quickstart`` command, which
 
   1. writes a small LLaDA-architecture model and a character tokenizer (``task.py``),
   2. runs ``recipes/quickstart/sft.yaml`` (masked-diffusion SFT),
@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import dare
-from dare.registry import Dataset, Reward
+from dare.registry import Benchmark, Dataset, Reward
 
 from .task import make_base_model, rows
 
@@ -50,6 +50,26 @@ def register_datasets(register):
 def register_rewards(register):
     register(Reward(name="exact_match", fn=exact_match, description="completion == answer"))
     register(Reward(name="digit_match", fn=digit_match, description="fraction of answer digits right"))
+
+
+def benchmark_rows(limit: int | None = None, few_shot: int = 0, task: str = "sort", length: int = 6,
+                   max_operand: int = 99) -> list[dict]:
+    """The held-out problems (never trained on) as benchmark rows with ids."""
+    if few_shot:
+        raise ValueError("the synthetic benchmark has no few-shot form (its model has a 64-token context)")
+    out = rows("heldout", task=task, size=256, max_operand=max_operand, length=length, limit=limit)
+    return [dict(r, id=f"{task}-{i}") for i, r in enumerate(out)]
+
+
+def benchmark_score(completion: str, row: dict) -> tuple[float, str | None]:
+    prediction = completion.strip()
+    return float(prediction == row["ground_truth"]), prediction or None
+
+
+@dare.hookimpl
+def register_benchmarks(register):
+    register(Benchmark(name="synthetic", load=benchmark_rows, score=benchmark_score,
+                       description="quickstart's held-out digit sorting / sums problems, exact match"))
 
 
 def run_quickstart(args) -> int:
