@@ -1,4 +1,5 @@
-"""The ``dare`` command line: run | validate | plugins | generate | export, plus plugin commands."""
+"""The ``dare`` command line: run | validate | plugins | generate | eval | export | leaderboard, plus plugin
+commands."""
 from __future__ import annotations
 
 import argparse
@@ -240,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default=None, help="base model folder (default: from adapter_config.json)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.set_defaults(func=cmd_export)
+
+    from dare import leaderboard
+
+    leaderboard.add_command(sub)
     return parser
 
 
