@@ -18,9 +18,9 @@ from dare.elbo import draw_masks
 from dare.protocol import TokenBatch
 from dare.registry import Algorithm, ModelFamily
 
-from .loss import dpo_loss, elbo_preference_loss
+from .loss import check_pairs, dpo_loss, elbo_preference_loss, pair_seeds
 
-__all__ = ["DPOConfig", "dpo", "dpo_loss", "elbo_preference_loss", "model_config"]
+__all__ = ["DPOConfig", "dpo", "dpo_loss", "elbo_preference_loss", "model_config", "pair_seeds"]
 
 
 @dataclass
@@ -36,6 +36,10 @@ class DPOConfig:
     eps: lower bound of t for the "time" estimator.
     mc_chunk: samples per forward (0 = all n_mc at once); smaller bounds memory.
     length_normalize: divide each ELBO by its number of response tokens (DARE's scale).
+    couple_pairs: draw the rejected response's masks from the chosen one's seed, so both are
+        masked at the same positions (``loss.pair_seeds``): unbiased, much lower variance of
+        the preference score when the two responses share most tokens. Off by default (the
+        papers draw them independently).
     eval_antithetic: when the model is in eval mode (held-out evaluation), score the
         reference on the policy's masks whatever ``antithetic`` says. Both estimates of the
         margin are unbiased; with shared masks the Monte-Carlo noise of the two ELBOs largely
@@ -51,6 +55,7 @@ class DPOConfig:
     eps: float = 1e-3
     mc_chunk: int = 0
     length_normalize: bool = False
+    couple_pairs: bool = False
     eval_antithetic: bool = True
 
     def __post_init__(self):
@@ -74,10 +79,12 @@ def dpo(model: torch.nn.Module, batch: TokenBatch, config: DPOConfig, family: Mo
     mask_id = family.special_tokens(model_config(model)).mask_id
     draw = dict(n_t=config.n_mc, n_yt=1, stratified=config.stratified, estimator=config.estimator,
                 eps=config.eps)
-    policy_masks = draw_masks(batch.input_ids, batch.loss_mask, batch.noise_seeds, mask_id, **draw)
+    check_pairs(batch)
+    seeds = pair_seeds(batch.noise_seeds) if config.couple_pairs else batch.noise_seeds
+    policy_masks = draw_masks(batch.input_ids, batch.loss_mask, seeds, mask_id, **draw)
     shared = config.antithetic or (config.eval_antithetic and not model.training)
     reference_masks = policy_masks if shared else draw_masks(
-        batch.input_ids, batch.loss_mask, batch.noise_seeds, mask_id, stream=1, **draw)
+        batch.input_ids, batch.loss_mask, seeds, mask_id, stream=1, **draw)
     return elbo_preference_loss(model, reference, family, batch, policy_masks, reference_masks,
                                 config.beta, config.mc_chunk, config.length_normalize)
 

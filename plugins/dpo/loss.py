@@ -44,6 +44,20 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     return loss, metrics
 
 
+def pair_seeds(seeds: torch.Tensor) -> torch.Tensor:
+    """Noise seeds with each rejected row (2k+1) given its chosen row's seed (2k).
+
+    Common random numbers for the pair: chosen and rejected responses of one prompt occupy the
+    same positions (same prompt, both padded to the batch length), so equal seeds draw the same
+    timesteps and mask the same positions in both. Each ELBO estimate keeps its distribution
+    (unbiased), but the noise from the tokens the two responses share (the common reasoning
+    prefix, the EOS padding) now cancels in B(y_w) - B(y_l) instead of adding up.
+    """
+    out = seeds.clone()
+    out[1::2] = seeds[0::2]
+    return out
+
+
 def check_pairs(batch: TokenBatch) -> None:
     if len(batch) % 2:
         raise ValueError(f"preference batches hold (chosen, rejected) row pairs; got {len(batch)} rows")

@@ -33,6 +33,7 @@ class VRPOConfig:
     eps: lower bound of t for the "time" estimator.
     mc_chunk: samples per forward (0 = all n_t * n_yt at once); smaller bounds memory.
     length_normalize: divide each ELBO by its number of response tokens (DARE's scale).
+    couple_pairs: chosen and rejected share timesteps and masks too (see ``DPOConfig``).
     """
 
     beta: float = 0.1
@@ -42,6 +43,7 @@ class VRPOConfig:
     eps: float = 1e-3
     mc_chunk: int = 0
     length_normalize: bool = False
+    couple_pairs: bool = False
 
     def __post_init__(self):
         if self.n_t < 1 or self.n_yt < 1:
@@ -55,7 +57,7 @@ def vrpo(model: torch.nn.Module, batch: TokenBatch, config: VRPOConfig, family: 
     """``Algorithm.loss`` of ``vrpo``: per-pair loss (B/2,) and metrics summed over pairs."""
     mask_id = family.special_tokens(model_config(model)).mask_id
     return vrpo_loss(model, reference, family, batch, mask_id, config.beta, config.n_t, config.n_yt,
-                     config.estimator, config.eps, config.mc_chunk, config.length_normalize)
+                     config.estimator, config.eps, config.mc_chunk, config.length_normalize, config.couple_pairs)
 
 
 @dare.hookimpl

@@ -18,20 +18,22 @@ import torch
 
 from dare.elbo import MCMasks, draw_masks
 from dare.protocol import TokenBatch
-from dare_plugins.dpo.loss import elbo_preference_loss
+from dare_plugins.dpo.loss import elbo_preference_loss, pair_seeds
 
 
 def vrpo_masks(batch: TokenBatch, mask_id: int, n_t: int, n_yt: int = 1, estimator: str = "count",
-               eps: float = 1e-3) -> MCMasks:
-    """The one set of stratified masks (B, n_t * n_yt, L) that policy and reference share."""
-    return draw_masks(batch.input_ids, batch.loss_mask, batch.noise_seeds, mask_id, n_t, n_yt,
+               eps: float = 1e-3, couple_pairs: bool = False) -> MCMasks:
+    """The one set of stratified masks (B, n_t * n_yt, L) that policy and reference share
+    (with ``couple_pairs`` also chosen and rejected: ``dare_plugins.dpo.loss.pair_seeds``)."""
+    seeds = pair_seeds(batch.noise_seeds) if couple_pairs else batch.noise_seeds
+    return draw_masks(batch.input_ids, batch.loss_mask, seeds, mask_id, n_t, n_yt,
                       stratified=True, estimator=estimator, eps=eps)
 
 
 def vrpo_loss(model, reference, family, batch: TokenBatch, mask_id: int, beta: float, n_t: int,
               n_yt: int = 1, estimator: str = "count", eps: float = 1e-3, mc_chunk: int = 0,
-              length_normalize: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+              length_normalize: bool = False, couple_pairs: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
     """Per-pair VRPO loss (P,) and metrics summed over pairs (see ``dpo_loss``)."""
-    masks = vrpo_masks(batch, mask_id, n_t, n_yt, estimator, eps)
+    masks = vrpo_masks(batch, mask_id, n_t, n_yt, estimator, eps, couple_pairs)
     return elbo_preference_loss(model, reference, family, batch, masks, masks, beta, mc_chunk,
                                 length_normalize)

@@ -136,7 +136,7 @@ def synthetic_pairs(n, seed, step=0):
 def test_plain_dpo_masks_are_independent_and_depend_only_on_row_seeds():
     """policy == reference: independent masks give a non-zero (noisy) score; antithetic gives
     exactly s = 0 (loss log 2). Per-pair losses do not change when the batch is split."""
-    model = tiny_llada()
+    model = tiny_llada().train()  # training mode: held-out (eval mode) scoring shares masks
     batch = synthetic_pairs(3, seed=0)
     loss, m = dpo(model, batch, DPOConfig(n_mc=2), LLADA, reference=model)
     assert m["reward_margin"] != 0
@@ -146,6 +146,37 @@ def test_plain_dpo_masks_are_independent_and_depend_only_on_row_seeds():
     same, m = dpo(model, batch, DPOConfig(n_mc=2, antithetic=True), LLADA, reference=model)
     torch.testing.assert_close(same, torch.full((3,), math.log(2)))
     assert m["reward_margin"] == 0
+
+
+def test_eval_mode_scores_the_reference_on_the_policy_masks():
+    """eval_antithetic: a held-out margin at policy == reference is exactly 0, not MC noise."""
+    model = tiny_llada().eval()
+    batch = synthetic_pairs(3, seed=0)
+    loss, m = dpo(model, batch, DPOConfig(n_mc=2), LLADA, reference=model)
+    torch.testing.assert_close(loss, torch.full((3,), math.log(2)))
+    assert m["reward_margin"] == 0
+    _, m = dpo(model, batch, DPOConfig(n_mc=2, eval_antithetic=False), LLADA, reference=model)
+    assert m["reward_margin"] != 0
+
+
+def test_coupled_pairs_share_masks_and_cut_the_score_variance():
+    """couple_pairs: the rejected row is masked exactly where its chosen row is (pair_seeds);
+    with chosen == rejected the score is then exactly 0 even with independent reference masks
+    (both log-ratios are estimated on the same masks), while uncoupled masks leave noise."""
+    from dare.elbo import draw_masks
+    from dare_plugins.dpo import pair_seeds
+
+    batch = synthetic_pairs(3, seed=0)
+    assert pair_seeds(batch.noise_seeds).tolist() == [0, 0, 2, 2, 4, 4]
+    masks = draw_masks(batch.input_ids, batch.loss_mask, pair_seeds(batch.noise_seeds), 2, n_t=4)
+    assert torch.equal(masks.masked[0::2], masks.masked[1::2]) and torch.equal(masks.t[0::2], masks.t[1::2])
+    same = TokenBatch(batch.input_ids[0::2].repeat_interleave(2, 0), batch.prompt_lengths, batch.attention_mask,
+                      batch.loss_mask, batch.noise_seeds)  # chosen == rejected in every pair
+    model = tiny_llada().train()
+    reference = tiny_llada(seed=1).train()
+    _, coupled = dpo(model, same, DPOConfig(n_mc=2, couple_pairs=True), LLADA, reference=reference)
+    _, plain = dpo(model, same, DPOConfig(n_mc=2), LLADA, reference=reference)
+    assert coupled["reward_margin"] == pytest.approx(0, abs=1e-5) and abs(plain["reward_margin"]) > 1e-3
 
 
 def heldout_margin(policy, reference, heldout):
@@ -209,7 +240,8 @@ def test_shipped_preference_file_splits():
     assert (len(train), len(heldout)) == (336, 64)
     assert preference.DEFAULT_PATH.stat().st_size < 300_000
     row = train[0]
-    assert row["prompt"][0]["role"] == "user" and "####" in row["chosen"] and "####" in row["rejected"]
+    assert row["prompt"][0]["role"] == "user" and "####" in row["chosen"]
+    assert "####" not in row["rejected"] and row["rejected"].endswith(".") and "The answer is" in row["rejected"]
     assert all(r["chosen"] != r["rejected"] and r["chosen"].split("####")[0] != r["rejected"].split("####")[0]
                for r in train + heldout)
     assert all(r["chosen"].rsplit("####", 1)[1].strip().replace(",", "") == r["ground_truth"].replace(",", "")

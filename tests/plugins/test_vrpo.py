@@ -114,7 +114,7 @@ def test_antithetic_sampling_reduces_the_variance_of_the_score():
       plain DPO (iid timesteps, independent policy / reference masks)   vs
       VRPO (4 stratified timesteps x 1 mask, shared masks).
     """
-    reference = tiny_llada()
+    reference = tiny_llada().train()  # training mode: in eval mode dpo shares masks (eval_antithetic)
     policy = copy.deepcopy(reference)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
