@@ -1,15 +1,18 @@
 """llada plugin: the LLaDA model family (LLaDA-8B-Instruct architecture) and its sampler.
 
-Registers the ``llada`` model family (config ``model_type: "llada"``) and the ``llada``
+Registers the ``llada`` model family (config ``model_type: "llada"``), the ``llada``
 sampler (ML-GSAI/LLaDA's reference ``generate``: semi-autoregressive blocks, low-confidence
-or random remasking, Gumbel temperature, classifier-free guidance, left-padded batches).
+or random remasking, Gumbel temperature, classifier-free guidance, left-padded batches) and
+the ``llada_fast`` sampler (Fast-dLLM's prefix / dual KV cache and threshold / factor
+parallel decoding, ``plugins/llada/fast.py``).
 """
 from __future__ import annotations
 
 from dare import hookimpl
 from dare.registry import ModelFamily, Sampler, SpecialTokens
 
-from dare_plugins.llada.modeling import LORA_TARGET_REGEX, LLaDAModelLM, build, tiny_config
+from dare_plugins.llada import fast
+from dare_plugins.llada.modeling import LORA_TARGET_REGEX, LLaDACache, LLaDAModelLM, build, tiny_config
 from dare_plugins.llada.sampler import REMASKING, generate
 
 # peft matches list entries as name suffixes, and "ff_out" would also match the LM head
@@ -58,6 +61,17 @@ SAMPLER = Sampler(
     ),
 )
 
+FAST_SAMPLER = Sampler(
+    name="llada_fast",
+    fn=fast.generate,
+    families=("llada",),
+    description=(
+        "Fast-dLLM-style LLaDA decoding: cache = none / prefix / dual (KV cache rebuilt per block), "
+        "threshold or factor parallel unmasking, optional stop_at_eos; cache='none' without "
+        "threshold / factor at temperature 0 equals the llada sampler"
+    ),
+)
+
 
 @hookimpl
 def register_model_families(register):
@@ -67,9 +81,10 @@ def register_model_families(register):
 @hookimpl
 def register_samplers(register):
     register(SAMPLER)
+    register(FAST_SAMPLER)
 
 
 __all__ = [
-    "LLaDAModelLM", "build", "tiny_config", "generate", "special_tokens", "LORA_TARGET_MODULES",
-    "LORA_TARGET_REGEX", "register_model_families", "register_samplers",
+    "LLaDAModelLM", "LLaDACache", "build", "tiny_config", "generate", "fast", "special_tokens",
+    "LORA_TARGET_MODULES", "LORA_TARGET_REGEX", "register_model_families", "register_samplers",
 ]

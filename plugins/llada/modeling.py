@@ -23,6 +23,10 @@ Numerics follow the reference: RMSNorm normalises in float32 and casts back befo
 rotary tables are computed in float32 on the fly (positions 0..L-1 unless ``position_ids``) and,
 with ``rope_full_precision``, q/k are rotated in float32 and cast back; attention is full
 (non-causal) SDPA with the default 1/sqrt(head_dim) scale.
+
+``LLaDAModelLM.forward_cached`` is a separate, inference-only path with a KV cache
+(``LLaDACache``) for the ``llada_fast`` sampler (Fast-dLLM's prefix / dual cache); ``forward``
+does not use it and is unchanged.
 """
 from __future__ import annotations
 
@@ -201,8 +205,9 @@ class LLaDABlock(nn.Module):
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
         return F.dropout(x, self.residual_dropout, self.training) if self.residual_dropout else x
 
-    def attention(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor,
-                  mask: torch.Tensor | None) -> torch.Tensor:
+    def project(self, x: torch.Tensor, sin: torch.Tensor,
+                cos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotated q (B, H, L, hd) and k, v (B, H_kv, L, hd) of the normalised input ``x``."""
         B, L, D = x.shape
         q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -213,19 +218,59 @@ class LLaDABlock(nn.Module):
         else:
             q = apply_rotary(q, sin.to(q.dtype), cos.to(q.dtype))
             k = apply_rotary(k, sin.to(k.dtype), cos.to(k.dtype))
-        if self.n_kv_heads != self.n_heads:  # GQA: kv head h serves query heads h*g .. h*g+g-1
+        return q, k, v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+               gqa_by_repeat: bool = True) -> torch.Tensor:
+        """attn_out(SDPA(q, k, v)): queries (B, H, Lq, hd) over keys (B, H_kv, Lk, hd).
+
+        GQA repeats the kv heads (the reference's way) unless ``gqa_by_repeat=False``, which
+        lets SDPA broadcast them (no copy of a long cache).
+        """
+        B, _, Lq, _ = q.shape
+        gqa = self.n_kv_heads != self.n_heads
+        if gqa and gqa_by_repeat:  # GQA: kv head h serves query heads h*g .. h*g+g-1
             groups = self.n_heads // self.n_kv_heads
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
         p = self.attention_dropout if self.training else 0.0
-        att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=False)
-        return self.attn_out(att.transpose(1, 2).reshape(B, L, D))
+        extra = {"enable_gqa": True} if gqa and not gqa_by_repeat else {}
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=False, **extra)
+        return self.attn_out(att.transpose(1, 2).reshape(B, Lq, self.n_heads * self.head_dim))
+
+    def attention(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor,
+                  mask: torch.Tensor | None) -> torch.Tensor:
+        q, k, v = self.project(x, sin, cos)
+        return self.attend(q, k, v, mask)
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ff_norm(x)
+        return x + self._dropout(self.ff_out(self.act(self.ff_proj(h)) * self.up_proj(h)))
 
     def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self._dropout(self.attention(self.attn_norm(x), sin, cos, mask))
-        h = self.ff_norm(x)
-        return x + self._dropout(self.ff_out(self.act(self.ff_proj(h)) * self.up_proj(h)))
+        return self.mlp(x)
+
+    def forward_cached(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, mask: torch.Tensor | None,
+                       cache: "LLaDACache", layer: int, start: int | None) -> torch.Tensor:
+        """The block for ``x`` at positions ``start .. start + n - 1`` against ``cache``.
+
+        ``start=None``: ``x`` is the whole sequence; its keys / values become layer ``layer``
+        of the cache (same ops as ``forward``). Otherwise they overwrite the cache there, and
+        the queries attend to every cached position (masked by ``mask``).
+        """
+        q, k, v = self.project(self.attn_norm(x), sin, cos)
+        if start is None:
+            cache.keys.append(k)
+            cache.values.append(v)
+            att = self.attend(q, k, v, mask)
+        else:
+            keys, values = cache.keys[layer], cache.values[layer]
+            keys[:, :, start:start + k.shape[2]] = k
+            values[:, :, start:start + v.shape[2]] = v
+            att = self.attend(q, keys, values, mask, gqa_by_repeat=False)
+        return self.mlp(x + self._dropout(att))
 
 
 class LLaDAModel(nn.Module):
@@ -285,32 +330,119 @@ class LLaDAModelLM(nn.Module):
             reference (which has no such input), also for left-padded rows.
         Other keyword arguments (e.g. ``use_cache``, ``return_dict``) are accepted and ignored.
         """
-        cfg = self.hf_config
-        t = self.model.transformer
         B, L = input_ids.shape
-        x = t.wte(input_ids)
-        if cfg.get("input_emb_norm"):
-            x = x * cfg["d_model"] ** 0.5
-        if cfg.get("embedding_dropout"):
-            x = F.dropout(x, cfg["embedding_dropout"], self.training)
-
+        x = self._embed(input_ids)
         if position_ids is None:
             position_ids = torch.arange(L, device=input_ids.device)
-        sin, cos = rotary_tables(position_ids, cfg["d_model"] // cfg["n_heads"], float(cfg.get("rope_theta", 10000.0)))
-        if sin.dim() == 3:  # per-row positions (B, L): broadcast over heads
-            sin, cos = sin[:, None], cos[:, None]
+        sin, cos = self._rotary(position_ids)
         mask = attention_bias(attention_mask, B, L, x.dtype)
 
-        for block in t.blocks:
+        for block in self.model.transformer.blocks:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, sin, cos, mask, use_reentrant=False)
             else:
                 x = block(x, sin, cos, mask)
+        return ModelOutput(logits=self._head(x))
+
+    def forward_cached(self, input_ids: torch.Tensor, cache: "LLaDACache | None" = None, start: int = 0,
+                       attention_mask: torch.Tensor | None = None,
+                       logits_mask: torch.Tensor | None = None) -> ModelOutput:
+        """KV-cached forward (inference only; the default ``forward`` is untouched by it).
+
+        ``cache=None`` (building): ``input_ids`` (B, L) is the whole sequence, run exactly as
+        ``forward`` (positions 0..L-1, ``attention_mask`` a 2D (B, L) padding mask or None);
+        every layer's rotated keys and values are kept in the returned
+        ``past_key_values`` (an ``LLaDACache``).
+
+        ``cache`` given (decoding): ``input_ids`` (B, n) are the tokens at positions
+        ``start .. start + n - 1`` (rotary positions too). Their keys / values overwrite the
+        cache there, in place, and their queries attend to all L cached positions with the
+        cache's padding mask, i.e. positions outside the window are seen as they were when
+        the cache was built (or last written). ``attention_mask`` must be None here. The
+        result equals ``forward`` on the whole sequence for the window whenever the cached
+        entries are still what a full forward would compute.
+
+        logits_mask: optional (B, n) bool; the LM head then runs only on the True positions
+            and ``logits`` is (N, V) in row-major order of those positions; default
+            (B, n, V) for every input position.
+        """
+        B, n = input_ids.shape
+        x = self._embed(input_ids)
+        if cache is None:
+            if attention_mask is not None and attention_mask.dim() != 2:
+                raise ValueError("forward_cached takes a 2D (B, L) padding attention_mask or None")
+            mask = attention_bias(attention_mask, B, n, x.dtype)
+            cache, layer_start = LLaDACache(mask), None
+            positions = torch.arange(n, device=input_ids.device)
+        else:
+            if attention_mask is not None:
+                raise ValueError("forward_cached: the padding mask is fixed when the cache is built")
+            if cache.batch_size != B or not 0 <= start <= cache.length - n:
+                raise ValueError(f"forward_cached: window of {n} tokens at {start} for a batch of {B} does not "
+                                 f"fit the cache ({cache.batch_size} rows, {cache.length} positions)")
+            mask, layer_start = cache.mask, start
+            positions = torch.arange(start, start + n, device=input_ids.device)
+        sin, cos = self._rotary(positions)
+        for i, block in enumerate(self.model.transformer.blocks):
+            x = block.forward_cached(x, sin, cos, mask, cache, i, layer_start)
+        if logits_mask is not None:
+            x = x[logits_mask]
+        return ModelOutput(logits=self._head(x), past_key_values=cache)
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        cfg = self.hf_config
+        x = self.model.transformer.wte(input_ids)
+        if cfg.get("input_emb_norm"):
+            x = x * cfg["d_model"] ** 0.5
+        if cfg.get("embedding_dropout"):
+            x = F.dropout(x, cfg["embedding_dropout"], self.training)
+        return x
+
+    def _rotary(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.hf_config
+        sin, cos = rotary_tables(position_ids, cfg["d_model"] // cfg["n_heads"], float(cfg.get("rope_theta", 10000.0)))
+        if sin.dim() == 3:  # per-row positions (B, L): broadcast over heads
+            sin, cos = sin[:, None], cos[:, None]
+        return sin, cos
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head (tied to ``wte`` with weight_tying)."""
+        cfg = self.hf_config
+        t = self.model.transformer
         x = t.ln_f(x)
         logits = F.linear(x, t.wte.weight) if "ff_out" not in t else t.ff_out(x)
         if cfg.get("scale_logits"):
             logits = logits * (1 / cfg["d_model"] ** 0.5)
-        return ModelOutput(logits=logits)
+        return logits
+
+
+class LLaDACache:
+    """Keys / values of every layer for a whole sequence, as ``forward_cached`` keeps them.
+
+    keys, values: per layer (B, H_kv, L, head_dim), keys already rotated (rotary positions
+        0..L-1). mask: the SDPA key mask (B, 1, 1, L) bool, or None (no padding).
+    """
+
+    def __init__(self, mask: torch.Tensor | None = None):
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.mask = mask
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[2]
+
+    def select(self, rows: torch.Tensor) -> "LLaDACache":
+        """Keep only batch ``rows`` (an index or bool tensor), in place; returns self."""
+        self.keys = [k[rows] for k in self.keys]
+        self.values = [v[rows] for v in self.values]
+        if self.mask is not None:
+            self.mask = self.mask[rows]
+        return self
 
 
 def attention_bias(attention_mask: torch.Tensor | None, batch: int, length: int,
