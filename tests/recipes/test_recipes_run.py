@@ -39,12 +39,18 @@ def test_recipe_smoke_run(path, shared, tmp_path, ray_cluster, monkeypatch, reci
     algorithm = registry().algorithms.get(recipes.load(path, model).algorithm_name)
     extra = BUDGET.get(algorithm.name, []) + (RL if algorithm.kind == "rl" else [])
     overrides = SMOKE + extra + model + [f"run.output_dir={tmp_path}", "data.eval_limit=2"]
-    rec = recipes.load(path, overrides + short_generation(recipes.load(path, overrides)))
+    first = recipes.load(path, overrides)
+    benchmarks = [f"evaluator.benchmarks=[{', '.join(f'{{name: {b.name}, limit: 2}}' for b in first.evaluator.benchmarks)}]"]
+    rec = recipes.load(path, overrides + short_generation(first) + (benchmarks if first.evaluator.benchmarks else []))
     run_dir = run(rec, str(path), progress=False)
     metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [m for m in metrics if m["kind"] == "train"]
     evals = [m for m in metrics if m["kind"] == "eval"]
     assert [m["step"] for m in train] == [1, 2] and all(m["loss"] == m["loss"] for m in train)
-    assert [m["step"] for m in evals] == [0, 2]
+    assert sorted({m["step"] for m in evals}) == [0, 2]
+    if rec.evaluator.benchmarks:  # benchmarks ran on the live weights at every evaluation
+        records = [json.loads(x) for x in (run_dir / "eval_results.jsonl").read_text().splitlines()]
+        k = len(rec.evaluator.benchmarks)
+        assert [r["step"] for r in records] == [0] * k + [2] * k and all(r["n"] == 2 for r in records)
     assert (run_dir / "checkpoints" / "step_00000002" / "trainer_state.pt").is_file()
     assert (run_dir / "samples.jsonl").read_text().strip()
