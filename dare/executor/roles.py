@@ -324,6 +324,17 @@ class Evaluator(_Role):
         return generate_and_score(self.engine(), self._tokenizer, self.special, benchmark, rows, sampler,
                                   sampler_args, batch_size, seed)
 
+    def call(self, fn, **kwargs):
+        """``fn(model, tokenizer, **kwargs)`` in this worker's process, on its current weights:
+        how whole evaluation harnesses run on a worker (e.g. ``dare_plugins.opencompass.run.
+        evaluate``, which drives OpenCompass's inferencer and evaluator in-process)."""
+        from dare.checkpoint import load_tokenizer
+
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.model_cfg.path)
+        self.model.eval()
+        return fn(self.model, self._tokenizer, **kwargs)
+
 
 class Rollout(_Role):
     """Generates completions with a registered sampler on the latest synced weights."""

@@ -157,3 +157,25 @@ def test_known_answers_score_50(gsm8k_cache, shared, tmp_path, monkeypatch):
     with pytest.raises(NotImplementedError, match="by generation"):
         wrapper.get_ppl(["x"])
     assert wrapper.get_token_len("hello") == len(wrapper.prompt_ids("hello")) > 0
+
+
+def test_runs_in_process_on_an_evaluator_worker(gsm8k_cache, shared, tmp_path, ray_cluster):
+    """OpenCompass GSM8K driven inside a Ray evaluator worker (its own process, its loaded
+    weights): the same predictions and score as the hand recomputation."""
+    import os
+
+    from dare.executor.actors import EvaluatorWorker
+    from dare_plugins.opencompass import run
+
+    model = {"family": "llada", "path": str(shared("fixtures", "llada-tiny"))}
+    env = {"env_vars": {k: os.environ[k] for k in ("COMPASS_DATA_CACHE", "HF_DATASETS_OFFLINE")}}
+    worker = EvaluatorWorker.options(num_cpus=0.5, runtime_env=env).remote(None, model, None, 1)
+    try:
+        results = ray_cluster.get(worker.call.remote(
+            run.evaluate, datasets=run.gsm8k_datasets(limit=2, config="gsm8k_0shot_gen_a58960"),
+            work_dir=str(tmp_path / "work"), sampler_args={"gen_length": 8, "steps": 4, "block_length": 8},
+            batch_size=2))
+    finally:
+        ray_cluster.kill(worker)
+    preds = run.read_predictions(tmp_path / "work", "dare", "gsm8k")
+    assert len(preds) == 2 and results["gsm8k"]["accuracy"] == pytest.approx(hand_accuracy(preds))
