@@ -85,12 +85,21 @@ class Run:
         ray.get(self.learners[0].save_checkpoint.remote(str(folder), step))
         self.run_dir.mark_latest(folder, self.recipe.run.keep_checkpoints)
 
-    def run_benchmarks(self, step: int) -> None:
+    def evaluate(self, step: int, evaluate) -> None:
+        """The loop's own evaluation (held-out loss or reward, after syncing the evaluators'
+        weights), then the benchmarks; one ``eval`` record in metrics.jsonl."""
+        metrics = evaluate(step)
+        metrics.update(self.run_benchmarks(step))
+        if metrics:
+            self.run_dir.log("eval", step, metrics)
+            tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+    def run_benchmarks(self, step: int) -> dict:
         """The recipe's benchmarks on the evaluators' (already synced) weights: metrics
-        ``bench_<name>`` in metrics.jsonl, records in the run's eval_results.jsonl."""
+        ``bench_<name>``; records in the run's eval_results.jsonl."""
         ec, rc = self.recipe.evaluator, self.recipe.rollout
         if not ec.benchmarks or not self.evaluators:
-            return
+            return {}
         from dare.evaluation import Checkpoint
         from dare.executor.benchmarks import run_benchmarks
 
@@ -101,9 +110,7 @@ class Run:
         where = Checkpoint(self.run_dir.root, self.recipe.run.name, step, str(recipe_file), self.recipe.model.path)
         records = run_benchmarks(self.evaluators, self.manager.registry, ec.benchmarks, sampler, dict(args),
                                  ec.batch_size, EVAL_SEED, where, self.run_dir.root)
-        metrics = {f"bench_{r['benchmark']}": r["score"] for r in records}
-        self.run_dir.log("eval", step, metrics)
-        tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        return {f"bench_{r['benchmark']}": r["score"] for r in records}
 
     def end_of_step(self, step: int, metrics: dict, bar, evaluate) -> bool:
         """Log, hooks, evaluation, checkpoints; returns True when the run must stop."""
@@ -112,8 +119,7 @@ class Run:
         bar.set_postfix({k: f"{metrics[k]:.4f}" for k in ("loss", "reward") if k in metrics})
         last = step == self.recipe.learner.steps
         if step % self.recipe.evaluator.every == 0 or last:
-            evaluate(step)
-            self.run_benchmarks(step)
+            self.evaluate(step, evaluate)
         every = self.recipe.run.checkpoint_every
         if (every and step % every == 0) or last or self.stop_signal is not None:
             self.checkpoint(step)
@@ -191,14 +197,13 @@ def supervised_loop(state: Run, train_rows: list[dict], eval_rows: list[dict], s
     heldout_batch = collate_units(heldout, L, special.pad_id, EVAL_SEED, 0) if heldout else None
     sample_rows = eval_rows[: recipe.evaluator.num_samples]
 
-    def evaluate(step: int) -> None:
+    def evaluate(step: int) -> dict:
         state.sync_weights(state.evaluators + state.rollouts)
+        metrics = {}
         if state.evaluators and heldout_batch is not None:
             parts = len(state.evaluators) if len(heldout) % len(state.evaluators) == 0 else 1
             results = ray.get([w.evaluate.remote(s, step) for w, s in zip(state.evaluators, heldout_batch.chunk(parts))])
             metrics = {k: sum(r.metrics[k] for r in results) / len(results) for k in results[0].metrics}
-            state.run_dir.log("eval", step, metrics)
-            tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         if state.rollouts and sample_rows:
             prompts = [encode_prompt(tok, r["prompt"]) for r in sample_rows]
             gen = ray.get(state.rollouts[0].generate.remote(left_pad(prompts, special.pad_id)))
@@ -206,10 +211,10 @@ def supervised_loop(state: Run, train_rows: list[dict], eval_rows: list[dict], s
             state.run_dir.log_samples(step, [
                 {"prompt": tok.decode(p), "completion": tok.decode(gen.sequences[i, width:], skip_special_tokens=True),
                  "nfe": gen.nfe} for i, p in enumerate(prompts)])
+        return metrics
 
     if start == 0:
-        evaluate(0)
-        state.run_benchmarks(0)
+        state.evaluate(0, evaluate)
     lc = recipe.learner
     bar = tqdm(range(start, lc.steps), initial=start, total=lc.steps, desc=recipe.run.name,
                disable=not progress, dynamic_ncols=True)
@@ -258,11 +263,11 @@ def rl_loop(state: Run, train_rows: list[dict], eval_rows: list[dict], start: in
             tqdm.write(f"step {step}: reward {f['reward']} failed on sample {f['index']}: {f['error']}")
         state.run_dir.log_samples(step, [dict(kind="reward_failure", **f) for f in failures])
 
-    def evaluate(step: int) -> None:
+    def evaluate(step: int) -> dict:
         workers = state.evaluators or state.rollouts
         state.sync_weights(state.evaluators)
         if not eval_rows:
-            return
+            return {}
         eval_args = recipe.rollout.eval_sampler_args
         flat, _, _, _, _, nfe, texts, prompts = sample(eval_rows, list(range(len(eval_rows))), 1, EVAL_SEED,
                                                        workers, eval_args)
@@ -271,15 +276,13 @@ def rl_loop(state: Run, train_rows: list[dict], eval_rows: list[dict], start: in
         log_failures(step, scored.failures)
         metrics = {"heldout_reward": sum(scored.total) / len(texts)}
         metrics.update({f"heldout_{k}": sum(v) / len(v) for k, v in scored.per_function.items()})
-        state.run_dir.log("eval", step, metrics)
         state.run_dir.log_samples(step, [{"prompt": prompts[i], "completion": texts[i], "reward": scored.total[i]}
                                          for i in range(min(len(texts), recipe.evaluator.num_samples))])
-        tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        return metrics
 
     if start == 0:
         state.sync_weights(state.rollouts)
-        evaluate(0)
-        state.run_benchmarks(0)
+        state.evaluate(0, evaluate)
     else:
         state.sync_weights(state.rollouts)
     bar = tqdm(range(start, lc.steps), initial=start, total=lc.steps, desc=recipe.run.name,

@@ -1,7 +1,8 @@
 """dream plugin: the Dream-v0 model family (Qwen2-style bidirectional dLLM) and its sampler.
 
-Registers the ``dream`` model family (config ``model_type: "Dream"``) and the ``dream``
-sampler (the reference ``diffusion_generate``).
+Registers the ``dream`` model family (config ``model_type: "Dream"``), the ``dream``
+sampler (the reference ``diffusion_generate``) and the ``dream_fast`` sampler (Fast-dLLM-style
+blocks, prefix/dual KV cache and threshold/factor parallel decoding: ``fast_diffusion_generate``).
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 from dare import hookimpl
 from dare.registry import ModelFamily, Sampler, SpecialTokens
 
+from dare_plugins.dream.fast import fast_diffusion_generate
 from dare_plugins.dream.modeling import DreamModel, build, tiny_config
 from dare_plugins.dream.sampler import ALGORITHMS, diffusion_generate
 
@@ -66,6 +68,17 @@ SAMPLER = Sampler(
     ),
 )
 
+FAST_SAMPLER = Sampler(
+    name="dream_fast",
+    fn=fast_diffusion_generate,
+    families=("dream",),
+    description=(
+        "Fast-dLLM-style Dream decoding: semi-AR block_length, cache none/prefix/dual, threshold or "
+        "factor parallel commits, stop_at_eos; block_length=max_new_tokens, cache='none', no "
+        "threshold/factor equals the reference 'dream' sampler"
+    ),
+)
+
 
 @hookimpl
 def register_model_families(register):
@@ -75,9 +88,11 @@ def register_model_families(register):
 @hookimpl
 def register_samplers(register):
     register(SAMPLER)
+    register(FAST_SAMPLER)
 
 
 __all__ = [
-    "DreamModel", "build", "tiny_config", "diffusion_generate", "special_tokens", "load_tokenizer",
+    "DreamModel", "build", "tiny_config", "diffusion_generate", "fast_diffusion_generate", "special_tokens",
+    "load_tokenizer",
     "register_model_families", "register_samplers",
 ]

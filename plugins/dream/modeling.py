@@ -14,6 +14,10 @@ Numerics follow the reference (``modeling_dream.py``, SDPA attention): RMSNorm c
 float32 and casts back before the weight multiply; RoPE tables are computed in float32 from
 ``position_ids`` and cast to the activation dtype; attention is
 ``torch.nn.functional.scaled_dot_product_attention`` with ``is_causal=False``.
+
+``DreamModel.forward_cached`` (with ``new_kv_cache`` / ``DreamKVCache``) runs a window of the
+sequence against cached keys/values of the rest, for the Fast-dLLM-style ``dream_fast`` sampler
+(``dare_plugins.dream.fast``); ``forward`` does not use it and is unchanged.
 """
 from __future__ import annotations
 
@@ -151,6 +155,35 @@ class Attention(nn.Module):
         )
         return self.o_proj(out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
 
+    def forward_cached(self, x, cos, sin, attn_mask, cache_k, cache_v, start: int):
+        """Attention of the window ``x`` (positions ``start .. start + n``) over a whole-sequence cache.
+
+        The window's keys/values (after RoPE, one per KV head) are written into ``cache_k`` /
+        ``cache_v`` (B, H_kv, N, D) at ``start:start + n`` in place; the queries then attend to all
+        N cached positions (the window's fresh ones and the cached rest). With the whole sequence
+        as the window and an empty cache this is exactly ``forward`` (same operations, same order).
+        """
+        b, n, _ = x.shape
+        q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        cache_k[:, :, start:start + n] = k
+        cache_v[:, :, start:start + n] = v
+        k, v = cache_k, cache_v
+        groups = self.num_heads // self.num_kv_heads
+        if n == k.shape[2]:  # the whole sequence: the same calls as `forward`
+            if groups > 1:
+                k = k.repeat_interleave(groups, dim=1)
+                v = v.repeat_interleave(groups, dim=1)
+            if attn_mask is not None and q.device.type == "cuda":
+                q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=False)
+        else:  # a window: grouped-query attention without materialising repeated K/V
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=False,
+                                                 enable_gqa=groups > 1)
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
+
 
 class MLP(nn.Module):
     def __init__(self, config: dict):
@@ -179,6 +212,10 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, attn_mask):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward_cached(self, x, cos, sin, attn_mask, cache_k, cache_v, start: int):
+        x = x + self.self_attn.forward_cached(self.input_layernorm(x), cos, sin, attn_mask, cache_k, cache_v, start)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -214,6 +251,56 @@ def attention_bias(attention_mask: torch.Tensor | str | None, batch: int, length
             )
         return attention_mask if attention_mask.is_floating_point() else attention_mask.bool()
     raise ValueError(f"attention_mask must be 2D (B, L) or 4D (B, 1, L, L); got {attention_mask.dim()}D")
+
+
+class DreamKVCache:
+    """Keys and values of every layer for a whole sequence, for cached (Fast-dLLM style) decoding.
+
+    ``keys[l]`` / ``values[l]``: (B, H_kv, N, head_dim), keys after RoPE. Built by
+    ``DreamModel.forward_cached`` on the whole sequence (``DreamModel.new_kv_cache`` gives the
+    empty buffers); a later ``forward_cached`` on a window overwrites the window's slots in place
+    and reads every other slot as cached. Dream attention is bidirectional, so cached entries
+    are only exact while the tokens they saw are unchanged (see ``dare_plugins.dream.fast``).
+    """
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]):
+        self.keys, self.values = list(keys), list(values)
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[2]
+
+    def select(self, rows: torch.Tensor) -> "DreamKVCache":
+        """A cache of the given batch rows only (e.g. dropping finished rows)."""
+        return DreamKVCache([k[rows] for k in self.keys], [v[rows] for v in self.values])
+
+
+def _key_mask(attention_mask: torch.Tensor | None, batch: int, window: int, length: int):
+    """SDPA mask for a window of ``window`` queries over ``length`` cached keys (True = attend).
+
+    None; a 2D (B, N) padding mask over the whole cached sequence (1 = real) -> (B, 1, 1, N);
+    a 4D (B, 1, W, N) mask: boolean/integer -> boolean, floating -> additive bias.
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() == 2:
+        if attention_mask.shape != (batch, length):
+            raise ValueError(f"attention_mask of shape {tuple(attention_mask.shape)}; expected ({batch}, {length})")
+        if bool(attention_mask.bool().all()):
+            return None
+        return attention_mask.bool()[:, None, None, :]
+    if attention_mask.dim() == 4:
+        if attention_mask.shape[-1] != length or attention_mask.shape[-2] not in (1, window) \
+                or attention_mask.shape[0] not in (1, batch):
+            raise ValueError(
+                f"attention_mask of shape {tuple(attention_mask.shape)}; expected ({batch}, 1, {window}, {length})"
+            )
+        return attention_mask if attention_mask.is_floating_point() else attention_mask.bool()
+    raise ValueError(f"attention_mask must be 2D (B, N) or 4D (B, 1, W, N); got {attention_mask.dim()}D")
 
 
 class DreamModel(nn.Module):
@@ -273,9 +360,69 @@ class DreamModel(nn.Module):
             logits = self.lm_head(h)
         return ModelOutput(logits=logits)
 
+    def new_kv_cache(self, batch: int, length: int, dtype: torch.dtype | None = None,
+                     device: torch.device | str | None = None) -> DreamKVCache:
+        """Empty (uninitialised) KV buffers for ``batch`` sequences of ``length`` tokens."""
+        cfg = self.hf_config
+        heads = cfg["num_attention_heads"]
+        kv_heads = cfg.get("num_key_value_heads") or heads
+        head_dim = cfg["hidden_size"] // heads
+        weight = self.model.embed_tokens.weight
+        dtype = dtype or weight.dtype
+        device = device if device is not None else weight.device
+        shape = (batch, kv_heads, length, head_dim)
+        n = len(self.model.layers)
+        return DreamKVCache([torch.empty(shape, dtype=dtype, device=device) for _ in range(n)],
+                            [torch.empty(shape, dtype=dtype, device=device) for _ in range(n)])
+
+    def forward_cached(self, input_ids: torch.Tensor, cache: DreamKVCache, start: int = 0, attention_mask=None,
+                       position_ids: torch.Tensor | None = None,
+                       logits_index: tuple[torch.Tensor, torch.Tensor] | None = None,
+                       rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> ModelOutput:
+        """Forward of the window ``input_ids`` (B, W) = sequence positions ``start .. start + W``
+        against ``cache`` (length N), updating the window's cache slots in place.
+
+        With ``start=0`` and W = N (an empty ``new_kv_cache``) this fills the cache and its logits
+        equal ``forward``'s. ``attention_mask``: None, a (B, N) padding mask over the whole
+        sequence, or a 4D (B, 1, W, N) mask; ``position_ids`` (B, W): the window's positions
+        (default ``start .. start + W``). ``logits_index`` = (rows, cols) into the window: only
+        those hidden states go through the final norm and LM head, and ``logits`` is (len(rows), V);
+        otherwise (B, W, V). ``rotary``: the window's precomputed ``rotary_tables`` (cos, sin), each
+        (B, W, head_dim), instead of computing them from ``position_ids``. Inference only (no
+        gradient checkpointing).
+        """
+        b, n = input_ids.shape
+        cfg = self.hf_config
+        total = cache.length
+        if cache.batch_size != b:
+            raise ValueError(f"cache holds {cache.batch_size} rows; input_ids has {b}")
+        if start < 0 or start + n > total:
+            raise ValueError(f"window [{start}, {start + n}) does not fit the cache length {total}")
+        h = self.model.embed_tokens(input_ids)
+        if rotary is not None:
+            cos, sin = rotary
+        else:
+            if position_ids is None:
+                position_ids = torch.arange(start, start + n, device=input_ids.device)[None].expand(b, n)
+            elif position_ids.dim() == 1:
+                position_ids = position_ids[None].expand(b, n)
+            head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+            cos, sin = rotary_tables(position_ids, head_dim, float(cfg.get("rope_theta", 10000.0)), h.dtype)
+        mask = _key_mask(attention_mask, b, n, total)
+        for layer, k, v in zip(self.model.layers, cache.keys, cache.values):
+            h = layer.forward_cached(h, cos, sin, mask, k, v, start)
+        if logits_index is not None:
+            h = h[logits_index[0], logits_index[1]]
+        h = self.model.norm(h)
+        if self.lm_head is None:
+            logits = F.linear(h, self.model.embed_tokens.weight)
+        else:
+            logits = self.lm_head(h)
+        return ModelOutput(logits=logits)
+
 
 def build(config: dict) -> DreamModel:
     return DreamModel(config)
 
 
-__all__ = ["DreamModel", "build", "tiny_config", "attention_bias", "rotary_tables"]
+__all__ = ["DreamModel", "DreamKVCache", "build", "tiny_config", "attention_bias", "rotary_tables"]
