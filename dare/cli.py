@@ -175,6 +175,16 @@ def parse_set(items: list[str] | None) -> dict:
     return given
 
 
+def add_sampler_flags(p: argparse.ArgumentParser) -> None:
+    """--sampler and its arguments; the generic flags are mapped to the sampler's names (ALIASES)."""
+    p.add_argument("--sampler", default=None, help="sampler name (default: the family's)")
+    p.add_argument("--steps", type=int, dest="steps")
+    p.add_argument("--gen-length", type=int, dest="gen_length")
+    p.add_argument("--block-length", type=int, dest="block_length")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other sampler argument")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dare", description="Post-training for diffusion language models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -197,12 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text with a checkpoint and a sampler")
     p.add_argument("--model", required=True, help="HF checkpoint folder")
     p.add_argument("--prompt", required=True, action="append", help="prompt text (repeat for a batch)")
-    p.add_argument("--sampler", default=None, help="sampler name (default: the family's)")
-    p.add_argument("--steps", type=int, dest="steps")
-    p.add_argument("--gen-length", type=int, dest="gen_length")
-    p.add_argument("--block-length", type=int, dest="block_length")
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other sampler argument")
+    add_sampler_flags(p)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
@@ -215,12 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "eval_results.jsonl (read by `dare leaderboard`) and per-problem predictions.")
     p.add_argument("--model", required=True, help="model folder, checkpoint folder or run directory")
     p.add_argument("--benchmarks", required=True, help="comma-separated benchmark names (see `dare plugins`)")
-    p.add_argument("--sampler", default=None, help="sampler name (default: the family's)")
-    p.add_argument("--steps", type=int, dest="steps")
-    p.add_argument("--gen-length", type=int, dest="gen_length")
-    p.add_argument("--block-length", type=int, dest="block_length")
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other sampler argument")
+    add_sampler_flags(p)
     p.add_argument("--limit", type=int, default=None, help="first N problems of each benchmark")
     p.add_argument("--few-shot", type=int, default=0, help="solved examples prepended to each prompt")
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="benchmark load() option")

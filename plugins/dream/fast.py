@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from dare.protocol import GenerationOutput
 from dare_plugins.dream.modeling import DreamModel, rotary_tables
 from dare_plugins.dream.sampler import (
-    DEFAULT_THRESHOLD, _hf_config, _resolve_length, _validate, sample_tokens,
+    DEFAULT_THRESHOLD, _validate, prepare_inputs, sample_tokens,
 )
 
 CACHE_MODES = ("none", "prefix", "dual")
@@ -183,25 +183,10 @@ def fast_diffusion_generate(
     ``nfe`` counts batched forwards, full or cached window alike.
     """
     _validate(alg, steps, eps, temperature, top_p, top_k, alg_temp)
-    config = _hf_config(model)
-    if mask_token_id is None:
-        mask_token_id = config.get("mask_token_id")
-        if mask_token_id is None:
-            raise ValueError("mask_token_id: not given and the model config has no 'mask_token_id'")
-    if prompt_ids.dim() == 1:
-        prompt_ids = prompt_ids[None]
-    if prompt_ids.dim() != 2 or prompt_ids.shape[1] == 0:
-        raise ValueError(f"prompt_ids must be a non-empty (B, P) tensor, got shape {tuple(prompt_ids.shape)}")
-    if attention_mask is not None:
-        if attention_mask.dim() == 1:
-            attention_mask = attention_mask[None]
-        if attention_mask.shape != prompt_ids.shape:
-            raise ValueError(
-                f"attention_mask shape {tuple(attention_mask.shape)} != prompt_ids shape {tuple(prompt_ids.shape)}"
-            )
+    config, mask_token_id, prompt_ids, attention_mask, gen_len = prepare_inputs(
+        model, prompt_ids, attention_mask, mask_token_id, max_new_tokens, max_length)
     batch, prompt_len = prompt_ids.shape
-    total = _resolve_length(prompt_len, max_new_tokens, max_length, config.get("max_position_embeddings"))
-    gen_len = total - prompt_len
+    total = prompt_len + gen_len
     block_length = _check_args(block_length, gen_len, cache, threshold, factor, stop_at_eos, alg, alg_temp)
     num_blocks = gen_len // block_length
     parallel = threshold is not None or factor is not None

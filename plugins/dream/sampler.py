@@ -132,6 +132,29 @@ def _resolve_length(prompt_len: int, max_new_tokens, max_length, max_pos) -> int
     return total
 
 
+def prepare_inputs(model, prompt_ids, attention_mask, mask_token_id, max_new_tokens, max_length):
+    """Checked inputs of a Dream sampler: (config, mask id, prompt_ids (B, P), attention_mask
+    or None, number of tokens to generate)."""
+    config = _hf_config(model)
+    if mask_token_id is None:
+        mask_token_id = config.get("mask_token_id")
+        if mask_token_id is None:
+            raise ValueError("mask_token_id: not given and the model config has no 'mask_token_id'")
+    if prompt_ids.dim() == 1:
+        prompt_ids = prompt_ids[None]
+    if prompt_ids.dim() != 2 or prompt_ids.shape[1] == 0:
+        raise ValueError(f"prompt_ids must be a non-empty (B, P) tensor, got shape {tuple(prompt_ids.shape)}")
+    if attention_mask is not None:
+        if attention_mask.dim() == 1:
+            attention_mask = attention_mask[None]
+        if attention_mask.shape != prompt_ids.shape:
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} != prompt_ids shape {tuple(prompt_ids.shape)}"
+            )
+    total = _resolve_length(prompt_ids.shape[1], max_new_tokens, max_length, config.get("max_position_embeddings"))
+    return config, mask_token_id, prompt_ids, attention_mask, total - prompt_ids.shape[1]
+
+
 def _validate(alg, steps, eps, temperature, top_p, top_k, alg_temp):
     if alg not in ALGORITHMS:
         raise ValueError(f"alg must be one of {', '.join(ALGORITHMS)}; got {alg!r}")
@@ -188,25 +211,9 @@ def diffusion_generate(
     """
     del output_history, return_dict_in_generate
     _validate(alg, steps, eps, temperature, top_p, top_k, alg_temp)
-    config = _hf_config(model)
-    if mask_token_id is None:
-        mask_token_id = config.get("mask_token_id")
-        if mask_token_id is None:
-            raise ValueError("mask_token_id: not given and the model config has no 'mask_token_id'")
-    if prompt_ids.dim() == 1:
-        prompt_ids = prompt_ids[None]
-    if prompt_ids.dim() != 2 or prompt_ids.shape[1] == 0:
-        raise ValueError(f"prompt_ids must be a non-empty (B, P) tensor, got shape {tuple(prompt_ids.shape)}")
-    if attention_mask is not None:
-        if attention_mask.dim() == 1:
-            attention_mask = attention_mask[None]
-        if attention_mask.shape != prompt_ids.shape:
-            raise ValueError(
-                f"attention_mask shape {tuple(attention_mask.shape)} != prompt_ids shape {tuple(prompt_ids.shape)}"
-            )
+    config, mask_token_id, prompt_ids, attention_mask, gen_len = prepare_inputs(
+        model, prompt_ids, attention_mask, mask_token_id, max_new_tokens, max_length)
     batch, prompt_len = prompt_ids.shape
-    total = _resolve_length(prompt_len, max_new_tokens, max_length, config.get("max_position_embeddings"))
-    gen_len = total - prompt_len
     full_logits = generation_tokens_hook_func is not None or generation_logits_hook_func is not None
     tokens_hook = generation_tokens_hook_func or (lambda step, x, logits: x)
     logits_hook = generation_logits_hook_func or (lambda step, x, logits: logits)
