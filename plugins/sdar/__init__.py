@@ -78,5 +78,8 @@ def register_samplers(register):
         fn=block_diffusion_generate,
         families=("sdar",),
         description="SDAR block diffusion with an exact KV cache (JetAstra/SDAR block_diffusion_generate): "
-                    "sequential, low_confidence_static/dynamic and entropy_bounded remasking",
+                    "sequential, low_confidence_static, parallel decoding with low_confidence_dynamic "
+                    "(confidence_threshold) or low_confidence_factor (factor, Fast-dLLM's rule), and "
+                    "entropy_bounded (eb_threshold) remasking; left-padded batches decode in one pass per "
+                    "step (packed prefill, preallocated cache, finished rows leave the batch)",
     ))

@@ -25,6 +25,13 @@ reference does, so a 0/1 float mask works and an additive 0/-inf mask does NOT):
 KV cache (:class:`SDARCache`): keys/values of committed tokens, per layer. As in the reference,
 ``store_kv=True`` appends the current tokens' keys/values to the cache (the prefill and a finished
 block), while ``store_kv=False`` only reads it (denoising steps of the current block).
+:class:`SDARStaticCache` holds the same keys/values in buffers preallocated once (no ``torch.cat``
+per block), addressable per row, so that rows of a batch can decode different blocks in one
+forward (the batched sampler).
+
+``logits_to_keep`` (as in Hugging Face models) limits the output projection to the positions whose
+logits are read: the sampler's prefill and KV-store forwards need none, a greedy denoising step
+only the masked positions.
 
 Training uses the same forward on the concatenated ``[noisy | clean]`` sequence of length 2L with
 :func:`block_diffusion_training_mask` (see :func:`build_training_inputs`).
@@ -41,7 +48,7 @@ from torch.utils.checkpoint import checkpoint
 from dare.protocol import ModelOutput
 
 __all__ = [
-    "SDARForCausalLM", "SDARCache", "tiny_config", "block_causal_mask", "block_diff_mask",
+    "SDARForCausalLM", "SDARCache", "SDARStaticCache", "tiny_config", "block_causal_mask", "block_diff_mask",
     "block_diffusion_training_mask", "build_training_inputs",
 ]
 
@@ -226,6 +233,95 @@ class SDARCache:
         return key, value
 
 
+class SDARStaticCache:
+    """:class:`SDARCache` in buffers preallocated once, addressable per row, for batched decoding.
+
+    ``keys[l]`` / ``values[l]``: (batch_size, num_key_value_heads, max_length, head_dim) buffers,
+    zero-filled at the first forward (zeros keep never-written, masked slots finite).
+
+    * Appending (``columns`` None), as :class:`SDARCache`: a forward writes its keys/values right
+      after the ``get_seq_length()`` committed positions and attends to ``[0, committed + L)``;
+      ``store_kv=True`` commits them, ``store_kv=False`` leaves them as scratch that the next
+      forward overwrites. No ``torch.cat`` of the whole cache per block.
+    * Per-row columns (``columns`` (B, L) and ``span`` set by the caller for one forward): row b's
+      current keys/values are written to buffer columns ``columns[b]`` and every row attends to
+      columns ``[0, span)`` (the caller's attention mask says which of them each row may see). So
+      rows may decode different blocks in one forward; which written columns are committed is the
+      caller's bookkeeping (``store_kv`` is not used).
+
+    Committed entries are never rewritten, so they are exactly those a full-sequence block-causal
+    forward computes. :meth:`keep` drops rows for good (finished sequences); :meth:`load` fills
+    slots from another cache (a packed prefill).
+    """
+
+    def __init__(self, batch_size: int, max_length: int):
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.lengths: list[int] = []      # committed length per layer when appending
+        self.columns: torch.Tensor | None = None
+        self.span: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def get_seq_length(self) -> int:
+        """Keys before the current tokens: the committed length, or ``span - L`` in column mode."""
+        if self.columns is not None:
+            return self.span - self.columns.shape[-1]
+        return self.lengths[0] if self.lengths else 0
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only buffer ``rows`` (in that order); the others are freed."""
+        self.keys = [k.index_select(0, rows) for k in self.keys]
+        self.values = [v.index_select(0, rows) for v in self.values]
+        self.batch_size = int(rows.numel())
+
+    def _allocate(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        shape = (self.batch_size, key.shape[1], self.max_length, key.shape[-1])
+        self.keys.append(key.new_zeros(shape))
+        self.values.append(value.new_zeros(shape))
+        self.lengths.append(0)
+
+    def load(self, source: SDARCache, src_rows: torch.Tensor, src_cols: torch.Tensor, rows: torch.Tensor,
+             cols: torch.Tensor, length: int) -> None:
+        """Copy ``source``'s entries ``[src_rows, :, src_cols]`` to ``[rows, :, cols]`` of every layer
+        and set the committed length (a packed prefill scattered to each row's own columns)."""
+        for layer, (key, value) in enumerate(zip(source.keys, source.values)):
+            if layer == len(self.keys):
+                self._allocate(key, value)
+            self.keys[layer][rows, :, cols] = key[src_rows, :, src_cols]
+            self.values[layer][rows, :, cols] = value[src_rows, :, src_cols]
+            self.lengths[layer] = length
+
+    def attend(self, layer: int, key: torch.Tensor, value: torch.Tensor, store: bool):
+        """Keys/values for ``layer``, the current ones included (see the class docstring)."""
+        if layer == len(self.keys):
+            self._allocate(key, value)
+        elif layer > len(self.keys):
+            raise ValueError(f"SDARStaticCache: layer {layer} before layer {len(self.keys)}")
+        buf_k, buf_v = self.keys[layer], self.values[layer]
+        if key.shape[0] != buf_k.shape[0]:
+            raise ValueError(f"SDARStaticCache: a batch of {key.shape[0]} rows for a cache of {buf_k.shape[0]}")
+        if self.columns is not None:
+            if self.span > self.max_length:
+                raise ValueError(f"SDARStaticCache: span {self.span} exceeds max_length {self.max_length}")
+            rows = torch.arange(key.shape[0], device=key.device)[:, None]
+            buf_k[rows, :, self.columns] = key.transpose(1, 2)
+            buf_v[rows, :, self.columns] = value.transpose(1, 2)
+            return buf_k[:, :, :self.span], buf_v[:, :, :self.span]
+        past, length = self.lengths[layer], key.shape[-2]
+        if past + length > self.max_length:
+            raise ValueError(f"SDARStaticCache: {past} cached + {length} new positions exceed "
+                             f"max_length {self.max_length}")
+        buf_k[:, :, past:past + length] = key
+        buf_v[:, :, past:past + length] = value
+        if store:
+            self.lengths[layer] = past + length
+        return buf_k[:, :, :past + length], buf_v[:, :, :past + length]
+
+
 # --- modules ---------------------------------------------------------------------------------
 
 
@@ -389,12 +485,15 @@ class SDARForCausalLM(nn.Module):
         return mask
 
     def forward(self, input_ids: torch.Tensor, attention_mask=None, position_ids: torch.Tensor | None = None,
-                past_key_values: SDARCache | None = None, use_cache: bool = False, store_kv: bool = False,
-                **kw) -> ModelOutput:
+                past_key_values: SDARCache | SDARStaticCache | None = None, use_cache: bool = False,
+                store_kv: bool = False, logits_to_keep: int | torch.Tensor = 0, **kw) -> ModelOutput:
         """Logits (B, L, V) in the parameter dtype; ``past_key_values`` is the cache when used.
 
         position_ids default to ``past + arange(L)``. ``use_cache`` (or ``store_kv``) without a
         cache creates a new :class:`SDARCache`; keys/values are appended only with ``store_kv``.
+        ``logits_to_keep``: ``0`` (default) all positions; an int n > 0 the last n positions; a 1D
+        index tensor those positions, (B, len(index), V) (an empty one: no output projection at
+        all); a (B, L) bool tensor the True positions only, flattened in row-major order: (N, V).
         """
         # HF-style flags that do not change the result are accepted; anything else is an error.
         bad = [k for k, v in kw.items()
@@ -423,6 +522,10 @@ class SDARForCausalLM(nn.Module):
             else:
                 h = layer(h, cos, sin, mask, cache, store_kv)
         h = self.model.norm(h)
+        if isinstance(logits_to_keep, torch.Tensor):
+            h = h[logits_to_keep] if logits_to_keep.dtype == torch.bool else h[:, logits_to_keep]
+        elif logits_to_keep:
+            h = h[:, -logits_to_keep:]
         logits = F.linear(h, self.model.embed_tokens.weight) if self.tied else self.lm_head(h)
         return ModelOutput(logits=logits, past_key_values=cache)
 
