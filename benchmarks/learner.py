@@ -31,19 +31,10 @@ from dare.plugins import registry
 from dare.protocol import TokenBatch
 from dare_plugins.llada.modeling import build, tiny_config
 
+from _common import matmul_peak  # benchmarks/ is on sys.path when run as a script
+
 SIZES = dict(d_model=512, n_layers=6, n_heads=8, n_kv_heads=8, mlp_hidden_size=1536, vocab_size=8192,
              max_sequence_length=1024)
-
-
-def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        times.append(time.perf_counter() - t0)
-    return 2 * n**3 / min(times)
 
 
 def make_model(lora: bool):

@@ -74,8 +74,10 @@ def make_tokenizer(folder: Path):
     return fast
 
 
-def make_base_model(folder: str | Path, seed: int = 0, d_model: int = 128, n_layers: int = 4) -> Path:
-    """Write a randomly initialised LLaDA-architecture checkpoint + tokenizer to ``folder``."""
+def make_base_model(folder: str | Path, seed: int = 0, d_model: int = 128, n_layers: int = 4,
+                    max_sequence_length: int = 64) -> Path:
+    """Write a randomly initialised LLaDA-architecture checkpoint + tokenizer to ``folder``
+    (context of ``max_sequence_length`` tokens)."""
     import tempfile
 
     import dare
@@ -85,7 +87,8 @@ def make_base_model(folder: str | Path, seed: int = 0, d_model: int = 128, n_lay
         tok = make_tokenizer(Path(tmp))
         vocab = len(tok)
         config = tiny_config(vocab_size=vocab, embedding_size=vocab, d_model=d_model, n_layers=n_layers,
-                             n_heads=4, n_kv_heads=4, mlp_hidden_size=4 * d_model, max_sequence_length=64,
+                             n_heads=4, n_kv_heads=4, mlp_hidden_size=4 * d_model,
+                             max_sequence_length=max_sequence_length,
                              mask_token_id=tok.mask_token_id, eos_token_id=tok.eos_token_id,
                              pad_token_id=tok.eos_token_id, rope_theta=10000.0)
         torch.manual_seed(seed)
