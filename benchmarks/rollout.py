@@ -68,6 +68,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_info, matmul_peak  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _shown(path) -> str:
+    """``path`` relative to the project root when inside it (no machine paths in results)."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 DEFAULT_MODEL = ROOT / "runs" / "rollout-bench-model"
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "rollout.json"
 TRAIN_INFO = "rollout_bench_train.json"
@@ -431,7 +437,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"  {name}: NFE/token {t['nfe_per_token']:.3f} (target <= 0.35): {'met' if t['met'] else 'NOT met'}")
     report = {
         "machine": machine, "peak_flops": peak,
-        "model": {"path": str(folder), "params": params, "block_linear_params": counter.n_blocks,
+        "model": {"path": _shown(folder), "params": params, "block_linear_params": counter.n_blocks,
                   "d_model": counter.d, "n_layers": counter.layers, "vocab": counter.vocab,
                   "max_sequence_length": model.hf_config.get("max_sequence_length"), "train": info},
         "settings": {"lengths": fits, "prompts": len(held), "batch": args.batch, "digits": digits,
