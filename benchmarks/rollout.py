@@ -68,12 +68,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_info, matmul_peak  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _shown(path) -> str:
-    """``path`` relative to the project root when inside it (no machine paths in results)."""
-    path = Path(path).resolve()
-    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 DEFAULT_MODEL = ROOT / "runs" / "rollout-bench-model"
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "rollout.json"
 TRAIN_INFO = "rollout_bench_train.json"
@@ -87,6 +81,12 @@ TRAIN_STAGES = (
     {"name": "mixed", "gens": (16, 64, 256, 128, 512), "steps": 700, "batch": 32, "lr": 5e-4, "warmup": 20},
 )
 THRESHOLD, FACTOR = 0.9, 1.0
+
+
+def _shown(path) -> str:
+    """``path`` relative to the project root when inside it (no machine paths in results)."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 @dataclass(frozen=True)
@@ -183,7 +183,8 @@ def train_model(folder: Path, digits: int = DIGITS, stages=TRAIN_STAGES, threads
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
             path = Path(tmp) / f"{stage['name']}-checkpoint"
             learner.save_checkpoint(str(path), stage["steps"])
-            info["stages"].append(dict(stage, gens=list(gens), recipe=recipe, seconds=time.perf_counter() - t0,
+            shown = json.loads(json.dumps(recipe).replace(tmp, "<tmp>"))  # no machine paths in results
+            info["stages"].append(dict(stage, gens=list(gens), recipe=shown, seconds=time.perf_counter() - t0,
                                        final_loss=sum(losses[-20:]) / len(losses[-20:])))
         if folder.exists():
             shutil.rmtree(folder)
