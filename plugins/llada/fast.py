@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from dare.protocol import GenerationOutput
 from dare_plugins.llada.modeling import LLaDAModelLM
 from dare_plugins.llada.sampler import (
-    LLADA_EOT_ID, REMASKING, _config, _device, _validate, add_gumbel_noise, get_num_transfer_tokens,
+    LLADA_EOT_ID, REMASKING, _config, _device, _validate, add_gumbel_noise, initial_canvas, get_num_transfer_tokens,
 )
 
 CACHE_MODES = ("none", "prefix", "dual")
@@ -176,14 +176,7 @@ def generate(model, prompt_ids: torch.Tensor, attention_mask: torch.Tensor | Non
     device = _device(model)
 
     total = prompt_len + gen_length
-    x = torch.full((batch, total), mask_id, dtype=torch.long, device=device)
-    x[:, :prompt_len] = prompt_ids.to(device)
-    if attention_mask is not None:
-        if attention_mask.shape != prompt_ids.shape:
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, "
-                             f"expected the prompt's {tuple(prompt_ids.shape)}")
-        attention_mask = attention_mask.to(device)
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, gen_length)], dim=-1)
+    x, attention_mask = initial_canvas(prompt_ids, attention_mask, gen_length, mask_id, device)
     vocab = config.get("embedding_size") or config["vocab_size"]
     eos = int(config["eos_token_id"] if eos_id is None else eos_id)
     eot = int(config.get("eot_token_id", LLADA_EOT_ID) if eot_id is None else eot_id)

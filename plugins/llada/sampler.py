@@ -57,6 +57,22 @@ def add_gumbel_noise(logits: torch.Tensor, temperature: float,
     return logits.exp() / (-torch.log(noise)) ** temperature
 
 
+def initial_canvas(prompt_ids: torch.Tensor, attention_mask: torch.Tensor | None, gen_length: int, mask_id: int,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The prompt followed by ``gen_length`` masks (B, P + G), and the attention mask extended
+    over the generated positions (None stays None)."""
+    batch, prompt_len = prompt_ids.shape
+    x = torch.full((batch, prompt_len + gen_length), mask_id, dtype=torch.long, device=device)
+    x[:, :prompt_len] = prompt_ids.to(device)
+    if attention_mask is not None:
+        if attention_mask.shape != prompt_ids.shape:
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, "
+                             f"expected the prompt's {tuple(prompt_ids.shape)}")
+        attention_mask = attention_mask.to(device)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, gen_length)], dim=-1)
+    return x, attention_mask
+
+
 def _config(model) -> dict:
     for obj in (model, getattr(getattr(model, "base_model", None), "model", None)):
         if isinstance(getattr(obj, "hf_config", None), dict):
@@ -106,14 +122,7 @@ def generate(model, prompt_ids: torch.Tensor, attention_mask: torch.Tensor | Non
     _validate(config, prompt_len, steps, gen_length, block_length, remasking)
     device = _device(model)
 
-    x = torch.full((batch, prompt_len + gen_length), mask_id, dtype=torch.long, device=device)
-    x[:, :prompt_len] = prompt_ids.to(device)
-    if attention_mask is not None:
-        if attention_mask.shape != prompt_ids.shape:
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, "
-                             f"expected the prompt's {tuple(prompt_ids.shape)}")
-        attention_mask = attention_mask.to(device)
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, gen_length)], dim=-1)
+    x, attention_mask = initial_canvas(prompt_ids, attention_mask, gen_length, mask_id, device)
     prompt_index = x != mask_id
     vocab = config.get("embedding_size") or config["vocab_size"]
     eos = int(config["eos_token_id"] if eos_id is None else eos_id)
